@@ -1,0 +1,246 @@
+"""The ``medseg`` command.
+
+medseg segment scan.nii.gz -o scan_seg.nii.gz
+medseg segment t1.nii.gz -o t1.seg.nrrd --model hippocampus-mri --device cpu
+medseg segment flair.nii.gz t1c.nii.gz -o seg.nii.gz --model path/to/model_folder
+medseg models
+medseg demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import MedSegError
+from .progress import RunControl
+
+logger = logging.getLogger("medseg")
+
+SAMPLE_FILE = "hippocampus-mni152-t1.nii.gz"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Deep-learning segmentation of CT and MRI.")
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    verbosity = argparse.ArgumentParser(add_help=False)
+    group = verbosity.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    group.add_argument("-v", "--verbose", action="store_true", help="print details of each step")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    segment = commands.add_parser(
+        "segment",
+        parents=[verbosity],
+        help="segment one case",
+        description="Segment one case; several inputs are the channels of one case, "
+        "in the order the model card names them.",
+    )
+    segment.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI, NRRD or MHA file, or a DICOM series folder")
+    segment.add_argument(
+        "-o", "--output", required=True, help="labelmap (.nii.gz, .nii, .nrrd, .mha) or Slicer segmentation (.seg.nrrd)"
+    )
+    _model_options(segment)
+    segment.add_argument(
+        "--probabilities",
+        metavar="FILE",
+        help="also write per-class probabilities (vector image; component 0 is background)",
+    )
+    segment.add_argument(
+        "--largest-component", action="store_true", help="keep only the largest connected component of each label"
+    )
+
+    models = commands.add_parser("models", parents=[verbosity], help="list bundled and installed models")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = commands.add_parser("demo", parents=[verbosity], help="run the bundled model on the bundled sample")
+    demo.add_argument("--output-dir", default="medseg-demo", help="where to write the results (default: %(default)s)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m", "--model", help="model id (see 'medseg models') or model folder; default: the bundled model"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Messages of the engine's loggers go to stderr; --quiet keeps warnings and errors, --verbose adds details."""
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    root = logging.getLogger("medseg")
+    for handler in [h for h in root.handlers if getattr(h, "_medseg_cli", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._medseg_cli = True
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _ProgressBar:
+    """A tqdm bar per stage on stderr; silent with --quiet or when stderr is not a terminal and not verbose."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(
+                total=100,
+                desc=f"{stage:<15}",
+                unit="%",
+                leave=False,
+                file=sys.stderr,
+                bar_format="{desc} {bar} {percentage:3.0f}% {elapsed}",
+            )
+        self.bar.n = round(fraction * 100)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _print_result(result, output: Path, seconds: float) -> None:
+    card = result.card
+    print(f"model      {card.id} {card.version} on {result.device}")
+    print(f"output     {output.resolve()}")
+    for stats in result.statistics:
+        print(f"  {stats.value:>3}  {stats.name:<30} {stats.volume_ml:9.3f} mL  ({stats.voxels} voxels)")
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
+    print(f"time       {seconds:.2f}s ({timings})")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .segmenter import Segmenter
+
+    start = time.perf_counter()
+    segmenter = Segmenter(args.model, device=args.device)
+    logger.debug("loaded model %s from %s", segmenter.card.id, segmenter.model.folder)
+    bar = _ProgressBar(enabled=not args.quiet and (sys.stderr.isatty() or args.verbose))
+    try:
+        result = segmenter.segment_files(
+            args.inputs,
+            args.output,
+            probabilities=args.probabilities,
+            keep_largest=args.largest_component,
+            control=RunControl(progress=bar),
+        )
+    finally:
+        bar.close()
+    if not args.quiet:
+        _print_result(result, Path(args.output), time.perf_counter() - start)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models.registry import list_models
+
+    entries = list_models()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": e.card.id if e.card else None,
+                        "folder": str(e.folder),
+                        "source": e.source,
+                        "problem": e.problem,
+                        "card": e.card.to_dict() if e.card else None,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not entries:
+        print("no models found; see 'medseg segment --help' for how models are found")
+    for entry in entries:
+        if entry.card is None:
+            print(f"BROKEN  {entry.folder}: {entry.problem}")
+            continue
+        card = entry.card
+        print(f"{card.id}  {card.version}  [{entry.source}]  {entry.folder}")
+        print(f"    {card.name}")
+        print(f"    channels: {', '.join(f'{c.name} ({c.modality})' for c in card.channels)}")
+        print(f"    labels:   {', '.join(f'{lb.value} {lb.name}' for lb in card.labels)}")
+        print(f"    licence:  {card.licence}")
+        validation = card.training.get("validation", {}).get("mean")
+        if validation:
+            print(f"    validation Dice: {', '.join(f'{k} {v:.3f}' for k, v in validation.items())}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import io
+    from .models.registry import resources_dir
+    from .segmenter import Segmenter, seg_nrrd_writer
+
+    resources = resources_dir()
+    sample = None if resources is None else resources / "SampleData" / SAMPLE_FILE
+    if sample is None or not sample.is_file():
+        raise MedSegError(f"the bundled sample {SAMPLE_FILE} is missing from this installation")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labelmap_path = out_dir / SAMPLE_FILE.replace(".nii.gz", "_seg.nii.gz")
+    seg_nrrd_path = out_dir / SAMPLE_FILE.replace(".nii.gz", ".seg.nrrd")
+    start = time.perf_counter()
+    segmenter = Segmenter(None, device=args.device)
+    bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        result = segmenter.segment(io.read_image(sample), control=RunControl(progress=bar))
+    finally:
+        bar.close()
+    io.write_image(result.labelmap, labelmap_path)
+    try:
+        writer = seg_nrrd_writer()
+    except MedSegError as exc:
+        logger.info("not writing a .seg.nrrd: %s", exc)
+        seg_nrrd_path = None
+    else:
+        writer(result.labelmap, segmenter.card, seg_nrrd_path)
+    if not args.quiet:
+        print(f"input      {sample}")
+        _print_result(result, labelmap_path, time.perf_counter() - start)
+        if seg_nrrd_path is not None:
+            print(f"Slicer     {seg_nrrd_path.resolve()} (load it in 3D Slicer with the input)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")  # names in cards may not fit an ASCII terminal
+    args = _parser().parse_args(argv)
+    _configure_logging(args)
+    handlers = {"segment": _segment, "models": _models, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except MedSegError as exc:
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medseg: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

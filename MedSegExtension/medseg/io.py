@@ -1,0 +1,261 @@
+"""Reading and writing images: NIfTI, NRRD, MetaImage and DICOM series.
+
+Images travel through the engine as ``SimpleITK.Image`` so that spacing, origin and direction always go with
+the voxels. Arrays taken from them are in numpy order (z, y, x); sizes and spacings reported by SimpleITK are in
+(x, y, z) order and millimetres.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputImageError, OutputError
+
+logger = logging.getLogger(__name__)
+
+#: Single-file formats the engine writes. Two-file formats (.nhdr, .mhd, .hdr) are refused because they cannot
+#: be written atomically.
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+#: Relative tolerance when comparing the grids of several input channels.
+GRID_TOLERANCE = 1e-4
+
+
+def image_suffix(path: str | Path) -> str:
+    """The image-format suffix of ``path``, with ``.nii.gz`` and ``.seg.nrrd`` kept whole, lower-cased."""
+    name = Path(path).name.lower()
+    for double in (".seg.nrrd", ".nii.gz"):
+        if name.endswith(double):
+            return double
+    return Path(name).suffix
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read one 3D scalar volume from a file or a folder holding one DICOM series.
+
+    Args:
+        path: NIfTI, NRRD or MetaImage file, or a folder of DICOM files.
+
+    Returns:
+        The volume as read, with its own geometry; a 4D file whose last axis has length 1 is taken as 3D.
+
+    Raises:
+        InputImageError: the path does not exist, cannot be read, is not a 3D scalar volume, holds NaN or
+            infinite voxels, or is constant (an empty or blank volume).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(path, "no such file or folder")
+    image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
+    image = _squeeze_to_3d(image, path)
+    validate_volume(image, path)
+    return image
+
+
+def _read_file(path: Path) -> sitk.Image:
+    if path.stat().st_size == 0:
+        raise InputImageError(path, "the file is empty (0 bytes)")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = _itk_reason(exc)
+        raise InputImageError(path, f"cannot be read as an image; it may be truncated or corrupt ({reason})") from None
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    return image
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK zero-fills a truncated NIfTI without a word; compare the data on disk with what the header promises."""
+    opener = gzip.open if image_suffix(path) == ".nii.gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(540)
+            expected = _nifti_expected_bytes(header)
+            available = len(header)
+            while chunk := handle.read(1 << 22):
+                available += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise InputImageError(path, "the compressed data ends early; the file is truncated or corrupt") from None
+    if expected is not None and available < expected:
+        raise InputImageError(
+            path,
+            f"the file is truncated: the header promises {expected} bytes of image data, the file holds {available}",
+        )
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header size plus voxel data size, from a NIfTI-1 or NIfTI-2 header; None if the header is not recognised."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(min(int(dims[0]), 7), 1)]]))
+    return offset + voxels * bitpix // 8
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+    if not series_ids:
+        raise InputImageError(folder, "the folder holds no DICOM series (give an image file or a DICOM folder)")
+    if len(series_ids) > 1:
+        raise InputImageError(
+            folder,
+            f"the folder holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); put one series per folder",
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(folder, f"the DICOM series cannot be read ({_itk_reason(exc)})") from None
+    logger.debug("read DICOM series %s: %d files", series_ids[0], len(files))
+    return image
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """The last meaningful line of an ITK exception, without the C++ source location."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("sitk::ERROR", "itk::ERROR")) and "Exception thrown" not in line:
+            return line
+    return lines[-1] if lines else "unknown error"
+
+
+def _squeeze_to_3d(image: sitk.Image, path: Path) -> sitk.Image:
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        extractor = sitk.ExtractImageFilter()
+        extractor.SetSize([*image.GetSize()[:3], 0])
+        extractor.SetIndex([0, 0, 0, 0])
+        return extractor.Execute(image)
+    return image
+
+
+def validate_volume(image: sitk.Image, path: str | Path | None = None) -> None:
+    """Check that ``image`` is a 3D scalar volume with finite, non-constant voxels.
+
+    Raises:
+        InputImageError: naming ``path`` and the problem.
+    """
+    dimension = image.GetDimension()
+    if dimension != 3:
+        size = "x".join(str(s) for s in image.GetSize())
+        raise InputImageError(path, f"expected a 3D volume, got a {dimension}D image of size {size}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError(
+            path,
+            f"expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()} "
+            "(a colour or vector image; give each channel as its own file)",
+        )
+    if min(image.GetSize()) < 1:
+        raise InputImageError(path, "the volume has no voxels")
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise InputImageError(path, f"{int(bad.sum())} voxels are NaN or infinite; fix or mask them first")
+    if array.size and array.min() == array.max():
+        raise InputImageError(path, f"every voxel has the same value ({array.flat[0]}); the volume is empty or blank")
+
+
+def read_channels(paths: Sequence[str | Path], *, channel_names: Sequence[str] | None = None) -> list[sitk.Image]:
+    """Read the input channels of one case and check that they share one voxel grid.
+
+    Args:
+        paths: one file or DICOM folder per channel, in the order the model card names them.
+        channel_names: the model's channel names; when given, the number of paths must match.
+
+    Raises:
+        InputImageError: a channel cannot be read, the count does not match the model, or the grids differ.
+    """
+    if channel_names is not None and len(paths) != len(channel_names):
+        expected = ", ".join(channel_names)
+        raise InputImageError(
+            paths[0] if len(paths) == 1 else None,
+            f"the model needs {len(channel_names)} input channel(s) ({expected}), got {len(paths)} file(s)",
+        )
+    images = [read_image(p) for p in paths]
+    reference = images[0]
+    for path, image in zip(paths[1:], images[1:]):
+        problem = grid_mismatch(reference, image)
+        if problem:
+            raise InputImageError(path, f"its voxel grid differs from {paths[0]}: {problem}")
+    return images
+
+
+def grid_mismatch(a: sitk.Image, b: sitk.Image) -> str | None:
+    """Describe how the voxel grids of ``a`` and ``b`` differ, or return None if they match."""
+    if a.GetSize() != b.GetSize():
+        return f"size {b.GetSize()} instead of {a.GetSize()}"
+    scale = max(a.GetSpacing())
+    for what, va, vb, tol in (
+        ("spacing", a.GetSpacing(), b.GetSpacing(), GRID_TOLERANCE * scale),
+        ("origin", a.GetOrigin(), b.GetOrigin(), GRID_TOLERANCE * scale * 10),
+        ("direction", a.GetDirection(), b.GetDirection(), GRID_TOLERANCE),
+    ):
+        if not np.allclose(va, vb, atol=tol, rtol=0):
+            return f"{what} {tuple(round(v, 4) for v in vb)} instead of {tuple(round(v, 4) for v in va)}"
+    return None
+
+
+def check_output_path(path: str | Path, *, suffixes: Sequence[str] = WRITABLE_SUFFIXES) -> Path:
+    """Fail early, before any computation, if ``path`` cannot be written in a supported format."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in suffixes:
+        raise OutputError(f"{path}: unsupported output format {suffix or '(none)'}; use one of {', '.join(suffixes)}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{path}: the folder {parent} is not writable")
+    return path
+
+
+def default_file_mode() -> int:
+    """The mode a newly created file gets under the current umask (mkstemp makes files private)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
+    """Write ``image`` atomically: to a temporary file in the same folder, renamed once complete.
+
+    A failure or interruption therefore never leaves a half-written file under ``path``.
+    """
+    path = check_output_path(path)
+    suffix = image_suffix(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp_name, useCompression=compress)
+        os.chmod(tmp_name, default_file_mode())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError):
+            raise OutputError(f"{path}: could not be written ({_itk_reason(exc)})") from None
+        raise
+    return path

@@ -1,0 +1,222 @@
+"""Preprocessing: from input images on their own grid to the network's input array, and the record to undo it.
+
+Order: crop to an ROI (optional) → reorient to the card's orientation (a permutation and flip of axes, exact)
+→ resample to the card's spacing (linear; skipped when the spacing already matches) → crop to the foreground
+(optional) → per-image intensity normalisation.
+
+The network array is float32 with shape (C, X, Y, Z): channels first, then ITK's index order, as MONAI's
+``LoadImage`` gives for NIfTI. SimpleITK's ``GetArrayFromImage`` gives (Z, Y, X); :func:`image_to_network_array`
+and :func:`network_array_to_image` are the only places that transpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputImageError
+from .models.card import Normalization, Preprocessing
+
+#: Spacings closer than this (relative) to the target are not resampled, which keeps the round trip exact.
+SPACING_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class IndexBox:
+    """A box of voxels on a grid: ``start`` and ``size`` in ITK index order (x, y, z)."""
+
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+    @classmethod
+    def from_physical(cls, image: sitk.Image, corner_a: Sequence[float], corner_b: Sequence[float]) -> IndexBox:
+        """The voxels of ``image`` inside the axis-aligned box spanned by two LPS points (mm), clipped to it."""
+        corners = np.array(
+            [[a if (i >> k) & 1 else b for k, (a, b) in enumerate(zip(corner_a, corner_b))] for i in range(8)]
+        )
+        indices = np.array([image.TransformPhysicalPointToContinuousIndex(tuple(map(float, c))) for c in corners])
+        low = np.maximum(np.floor(indices.min(0) + 0.5), 0).astype(int)
+        high = np.minimum(np.ceil(indices.max(0) - 0.5), np.array(image.GetSize()) - 1).astype(int)
+        if np.any(high < low):
+            raise InputImageError(None, "the region of interest does not overlap the volume")
+        return cls(start=tuple(int(v) for v in low), size=tuple(int(v) for v in high - low + 1))
+
+    def clip_to(self, size: Sequence[int]) -> IndexBox:
+        start = np.clip(self.start, 0, np.array(size) - 1)
+        stop = np.clip(np.array(self.start) + self.size, start + 1, size)
+        return IndexBox(tuple(int(v) for v in start), tuple(int(v) for v in stop - start))
+
+
+@dataclass
+class PreprocessRecord:
+    """What preprocessing did, so that a result on the network grid can be put back on the input grid."""
+
+    input_reference: sitk.Image  #: the full input grid (geometry only, 8-bit zeros)
+    roi: IndexBox | None
+    cropped_reference: sitk.Image  #: the input grid after the ROI crop, before reorientation
+    original_orientation: str
+    resampled: bool
+    network_reference: sitk.Image  #: the grid of the network array, after resampling and foreground crop
+    foreground_box: IndexBox | None
+    resampled_size: tuple[int, int, int]
+
+
+def _geometry_only(image: sitk.Image) -> sitk.Image:
+    """An image with the same grid as ``image`` but 8-bit zeros, to carry geometry cheaply."""
+    reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(image)
+    return reference
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """The anatomical orientation code (e.g. ``LPS``, ``RAS``) closest to the image's direction, as ITK names it."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image: sitk.Image, code: str | None) -> sitk.Image:
+    """Permute and flip the axes of ``image`` to the orientation ``code``; voxel values are not interpolated."""
+    if code is None or orientation_code(image) == code:
+        return image
+    return sitk.DICOMOrient(image, code)
+
+
+def crop(image: sitk.Image, box: IndexBox) -> sitk.Image:
+    return sitk.RegionOfInterest(image, box.size, box.start)
+
+
+def resample_to_spacing(
+    image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear
+) -> sitk.Image:
+    """Resample ``image`` to ``spacing`` (mm, x y z) over the same physical extent, keeping origin and direction."""
+    old_spacing = np.array(image.GetSpacing())
+    old_size = np.array(image.GetSize())
+    new_spacing = np.array(spacing, dtype=float)
+    new_size = np.maximum(np.round(old_size * old_spacing / new_spacing), 1).astype(int)
+    return sitk.Resample(
+        image,
+        [int(s) for s in new_size],
+        sitk.Transform(),
+        interpolator,
+        image.GetOrigin(),
+        [float(s) for s in new_spacing],
+        image.GetDirection(),
+        0.0,
+        image.GetPixelID(),
+    )
+
+
+def needs_resampling(image: sitk.Image, spacing: Sequence[float] | None) -> bool:
+    if spacing is None:
+        return False
+    current = np.array(image.GetSpacing())
+    return not np.allclose(current, spacing, rtol=SPACING_TOLERANCE, atol=0)
+
+
+def foreground_box(array_xyz: np.ndarray, *, margin: int = 4) -> IndexBox | None:
+    """Bounding box of voxels above the minimum of a (X, Y, Z) array, grown by ``margin`` voxels."""
+    mask = array_xyz > array_xyz.min()
+    if not mask.any():
+        return None
+    coords = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    start = [max(int(c[0]) - margin, 0) for c in coords]
+    stop = [min(int(c[-1]) + 1 + margin, n) for c, n in zip(coords, array_xyz.shape)]
+    return IndexBox(tuple(start), tuple(b - a for a, b in zip(start, stop)))
+
+
+def image_to_network_array(image: sitk.Image) -> np.ndarray:
+    """(X, Y, Z) float32 array of a scalar image (SimpleITK gives (Z, Y, X))."""
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0), dtype=np.float32)
+
+
+def network_array_to_image(array_xyz: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Wrap a (X, Y, Z) array (or (C, X, Y, Z) as a vector image) on ``reference``'s grid."""
+    if array_xyz.ndim == 4:
+        image = sitk.GetImageFromArray(
+            np.ascontiguousarray(np.moveaxis(array_xyz, 0, -1).transpose(2, 1, 0, 3)), isVector=True
+        )
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
+    image.CopyInformation(reference)
+    return image
+
+
+def normalize_intensity(array: np.ndarray, spec: Normalization) -> np.ndarray:
+    """Per-image intensity normalisation of one channel, as the model card says (float32 out).
+
+    ``zscore`` uses the mean and standard deviation of the (percentile-clipped) voxels, so images whose
+    intensity scales differ by orders of magnitude land on one scale.
+    """
+    array = array.astype(np.float32, copy=False)
+    if spec.method == "none":
+        return array
+    if spec.method == "range":
+        clipped = np.clip(array, spec.a_min, spec.a_max)
+        return ((clipped - spec.a_min) / max(spec.a_max - spec.a_min, 1e-6)).astype(np.float32)
+    sample = array[array != 0] if spec.nonzero else array.ravel()
+    if sample.size == 0:
+        sample = array.ravel()
+    if spec.clip_percentiles is not None:
+        low, high = np.percentile(sample, spec.clip_percentiles)
+        array = np.clip(array, low, high)
+        sample = np.clip(sample, low, high)
+    mean = float(sample.mean())
+    std = float(sample.std())
+    out = (array - mean) / max(std, 1e-6)
+    if spec.nonzero:
+        out = np.where(array != 0, out, 0.0)
+    return out.astype(np.float32)
+
+
+def preprocess(
+    images: Sequence[sitk.Image], spec: Preprocessing, *, roi: IndexBox | None = None
+) -> tuple[np.ndarray, PreprocessRecord]:
+    """Turn the input channels (all on one grid) into the network's (C, X, Y, Z) float32 array.
+
+    Returns:
+        The array and the record :func:`medseg.postprocessing.restore_to_input_grid` needs to undo the steps.
+    """
+    reference = images[0]
+    if roi is not None:
+        roi = roi.clip_to(reference.GetSize())
+        images = [crop(image, roi) for image in images]
+    cropped_reference = _geometry_only(images[0])
+    original_orientation = orientation_code(images[0])
+    images = [reorient(sitk.Cast(image, sitk.sitkFloat32), spec.orientation) for image in images]
+    resampled = needs_resampling(images[0], spec.spacing)
+    if resampled:
+        images = [resample_to_spacing(image, spec.spacing) for image in images]
+    resampled_size = images[0].GetSize()
+    arrays = [image_to_network_array(image) for image in images]
+    box = foreground_box(arrays[0]) if spec.crop == "foreground" else None
+    network_reference = _geometry_only(images[0])
+    if box is not None:
+        arrays = [a[tuple(slice(s, s + n) for s, n in zip(box.start, box.size))] for a in arrays]
+        network_reference = crop(network_reference, box)
+    stacked = np.stack([normalize_intensity(a, spec.normalization) for a in arrays])
+    record = PreprocessRecord(
+        input_reference=_geometry_only(reference),
+        roi=roi,
+        cropped_reference=cropped_reference,
+        original_orientation=original_orientation,
+        resampled=resampled,
+        network_reference=network_reference,
+        foreground_box=box,
+        resampled_size=tuple(resampled_size),
+    )
+    return stacked, record
+
+
+def label_to_network_grid(label: sitk.Image, record: PreprocessRecord) -> np.ndarray:
+    """A labelmap on the input grid, moved onto the network grid of ``record`` (nearest neighbour), (X, Y, Z).
+
+    Training uses this so that labels follow exactly the spatial steps the images went through.
+    """
+    if record.roi is not None:
+        label = crop(label, record.roi)
+    moved = sitk.Resample(
+        label, record.network_reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID()
+    )
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(moved).transpose(2, 1, 0))

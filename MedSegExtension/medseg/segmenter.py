@@ -1,0 +1,191 @@
+"""The ``Segmenter``: one loaded model, run on images or on files.
+
+Layers, as in nnU-Net's predictor: :meth:`Segmenter.segment_files` (paths in, files out) →
+:meth:`Segmenter.segment` (images in, images out) → :func:`medseg.inference.sliding_window_probabilities`
+(array in, probabilities out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from . import io
+from .errors import InputImageError
+from .inference import select_device, sliding_window_probabilities
+from .models.card import ModelCard
+from .models.folder import LoadedModel, load_model_folder
+from .models.registry import find_model_folder
+from .postprocessing import (
+    LabelStatistics,
+    argmax_labels,
+    keep_largest_component,
+    label_statistics,
+    labels_to_image,
+    restore_probabilities,
+)
+from .preprocessing import IndexBox, network_array_to_image, preprocess
+from .progress import ProgressCallback, RunControl
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationResult:
+    """A labelmap on the input grid, optionally the per-class probabilities, and what it took."""
+
+    labelmap: sitk.Image
+    card: ModelCard
+    statistics: list[LabelStatistics]
+    probabilities: sitk.Image | None = None  #: vector image, component k = probability of class k (0 background)
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Segmenter:
+    """Holds one loaded model and runs the stages on it.
+
+    Args:
+        model: a model id, a model folder, an already loaded model, or None for the bundled default.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Example:
+        >>> segmenter = Segmenter("hippocampus-mri", device="cpu")
+        >>> result = segmenter.segment(medseg.io.read_image("case.nii.gz"))
+        >>> result.statistics[0].volume_ml
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | LoadedModel | None = None, *, device: str = "auto") -> None:
+        self.model = model if isinstance(model, LoadedModel) else load_model_folder(find_model_folder(model))
+        self.device = select_device(device)
+        self.model.network.to(self.device)
+
+    @property
+    def card(self) -> ModelCard:
+        return self.model.card
+
+    def check_channels(self, images: Sequence[sitk.Image], paths: Sequence[str | Path] | None = None) -> None:
+        expected = len(self.card.channels)
+        if len(images) != expected:
+            names = ", ".join(c.name for c in self.card.channels)
+            raise InputImageError(
+                paths[0] if paths and len(paths) == 1 else None,
+                f"model {self.card.id} needs {expected} input channel(s) ({names}), got {len(images)}",
+            )
+
+    def segment(
+        self,
+        images: sitk.Image | Sequence[sitk.Image],
+        *,
+        roi: IndexBox | None = None,
+        keep_largest: bool = False,
+        with_probabilities: bool = False,
+        progress: ProgressCallback | None = None,
+        control: RunControl | None = None,
+    ) -> SegmentationResult:
+        """Segment one case given as images (one per channel, on one grid).
+
+        Args:
+            images: the channels in the card's order; a single image for single-channel models.
+            roi: restrict the work to this box of the input grid; outside it the result is background.
+            keep_largest: keep only the largest connected component of each label.
+            with_probabilities: also return the per-class probabilities on the input grid.
+            progress: ``progress(stage, fraction)`` callback.
+            control: carries progress and cancellation (overrides ``progress``).
+
+        Returns:
+            A :class:`SegmentationResult` whose labelmap has the input's size, spacing, origin and direction.
+        """
+        images = [images] if isinstance(images, sitk.Image) else list(images)
+        self.check_channels(images)
+        for image in images:
+            io.validate_volume(image)
+        control = control or RunControl(progress=progress)
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        control.report("preprocessing", 0.0)
+        volume, record = preprocess(images, self.card.preprocessing, roi=roi)
+        seconds["preprocessing"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        probabilities = sliding_window_probabilities(
+            self.model.network, volume, self.card.inference, device=self.device, control=control
+        )
+        seconds["inference"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        control.report("postprocessing", 0.0)
+        restored = restore_probabilities(probabilities, record)
+        labels = argmax_labels(restored)
+        if keep_largest:
+            labels = keep_largest_component(labels, [label.value for label in self.card.labels])
+        labelmap = labels_to_image(labels, record.input_reference)
+        probability_image = network_array_to_image(restored, record.input_reference) if with_probabilities else None
+        seconds["postprocessing"] = time.perf_counter() - start
+        control.report("postprocessing", 1.0)
+        return SegmentationResult(
+            labelmap=labelmap,
+            card=self.card,
+            statistics=label_statistics(labelmap, {label.value: label.name for label in self.card.labels}),
+            probabilities=probability_image,
+            device=str(self.device),
+            seconds=seconds,
+        )
+
+    def segment_files(
+        self,
+        inputs: Sequence[str | Path],
+        output: str | Path,
+        *,
+        probabilities: str | Path | None = None,
+        keep_largest: bool = False,
+        control: RunControl | None = None,
+    ) -> SegmentationResult:
+        """Read the input channels, segment, and write the labelmap (and probabilities) atomically.
+
+        The output format follows the suffix: ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` write a labelmap;
+        ``.seg.nrrd`` writes a Slicer segmentation with the card's names, colours and terminology (needs
+        ``slicer-core``). Outputs are checked before the work starts and written only when it succeeded.
+        """
+        output = Path(output)
+        is_seg_nrrd = io.image_suffix(output) == ".seg.nrrd"
+        io.check_output_path(output, suffixes=(*io.WRITABLE_SUFFIXES, ".seg.nrrd"))
+        if probabilities is not None:
+            io.check_output_path(probabilities)
+        if is_seg_nrrd:
+            writer = seg_nrrd_writer()
+        control = control or RunControl()
+        control.report("reading", 0.0)
+        images = io.read_channels(inputs, channel_names=[c.name for c in self.card.channels])
+        result = self.segment(
+            images, keep_largest=keep_largest, with_probabilities=probabilities is not None, control=control
+        )
+        control.report("writing", 0.0)
+        start = time.perf_counter()
+        if is_seg_nrrd:
+            writer(result.labelmap, self.card, output)
+        else:
+            io.write_image(result.labelmap, output)
+        if probabilities is not None and result.probabilities is not None:
+            io.write_image(result.probabilities, probabilities)
+        result.seconds["writing"] = time.perf_counter() - start
+        control.report("writing", 1.0)
+        return result
+
+
+def seg_nrrd_writer():
+    """Slicer's own ``.seg.nrrd`` writer, from MedSegLib on slicer-core (imported only when asked for)."""
+    try:
+        from MedSegLib.segmentationio import writeSegNrrd
+    except ImportError as exc:
+        raise io.OutputError(
+            f"writing .seg.nrrd needs Slicer's MRML libraries ({exc}); install them with "
+            "'pip install slicer-core', or write .nii.gz / .nrrd instead"
+        ) from None
+    return writeSegNrrd

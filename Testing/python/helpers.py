@@ -1,0 +1,128 @@
+"""Test helpers: synthetic model folders, geometries, and a threshold network with a known answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from medseg.models.card import card_from_dict
+from medseg.models.folder import LoadedModel, sha256_of
+
+
+def card_dict(**overrides) -> dict:
+    card = {
+        "format_version": 1,
+        "id": "tiny-test",
+        "version": "0.0.1",
+        "name": "Tiny test model",
+        "description": "untrained, for tests",
+        "task": "segmentation",
+        "modality": "MR",
+        "licence": "Apache-2.0",
+        "channels": [{"name": "T1", "modality": "MR"}],
+        "labels": [
+            {
+                "value": 1,
+                "name": "Bright",
+                "color": [255, 0, 0],
+                "terminology": {
+                    "category": ["SCT", "91723000", "Anatomical Structure"],
+                    "type": ["SCT", "5366008", "Hippocampus"],
+                },
+            },
+            {"value": 2, "name": "Other", "color": [0, 128, 255]},
+        ],
+        "preprocessing": {
+            "orientation": "RAS",
+            "spacing": None,
+            "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
+            "crop": "none",
+        },
+        "network": {"architecture": "UNet", "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 0}},
+        "inference": {"roi_size": [16, 16, 16], "overlap": 0.25, "blend_mode": "gaussian", "sw_batch_size": 2},
+        "weights": {"file": "model.pt", "sha256": "0" * 64},
+    }
+    card.update(overrides)
+    return card
+
+
+def write_model_folder(folder: Path, **overrides) -> Path:
+    """Write a valid model folder: card plus the state_dict of the network it describes (seeded)."""
+    from medseg.models.architectures import build_network
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = card_dict(**overrides)
+    card = card_from_dict(data)
+    torch.manual_seed(0)
+    network = build_network(
+        card.network.architecture,
+        in_channels=len(card.channels),
+        out_channels=card.num_classes,
+        kwargs=card.network.kwargs,
+    )
+    torch.save(network.state_dict(), folder / "model.pt")
+    data["weights"]["sha256"] = sha256_of(folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps(data, indent=2))
+    return folder
+
+
+class ThresholdNet(torch.nn.Module):
+    """Logits that make class 1 where the normalised input is above ``level``, else background.
+
+    Class 2 is never chosen. Voxel-wise, so sliding windows and blending must reproduce it exactly.
+    """
+
+    def __init__(self, level: float = 1.0) -> None:
+        super().__init__()
+        self.level = level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        signal = 8.0 * (x[:, :1] - self.level)
+        return torch.cat([-signal, signal, torch.full_like(signal, -20.0)], dim=1)
+
+
+def threshold_model(tmp_path: Path, **preprocessing) -> LoadedModel:
+    """A LoadedModel whose network is :class:`ThresholdNet`, with a card customised by ``preprocessing``."""
+    prep = {
+        "orientation": "RAS",
+        "spacing": None,
+        "crop": "none",
+        "normalization": {"method": "zscore", "clip_percentiles": None},
+    }
+    prep.update(preprocessing)
+    card = card_from_dict(card_dict(preprocessing=prep))
+    return LoadedModel(card=card, folder=tmp_path, network=ThresholdNet())
+
+
+def oblique_direction(degrees: float = 20.0) -> tuple[float, ...]:
+    """A rotation about an oblique axis, with one flipped axis, as a flat 3x3 direction matrix."""
+    angle = np.deg2rad(degrees)
+    axis = np.array([1.0, 2.0, 0.5])
+    axis /= np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    return tuple((rotation @ np.diag([1.0, -1.0, 1.0])).ravel())
+
+
+DIRECTIONS = {
+    "LPS": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    "RAS": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+    "permuted": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
+    "oblique": oblique_direction(),
+}
+
+
+def with_direction(image: sitk.Image, direction) -> sitk.Image:
+    out = sitk.Image(image)
+    out.SetDirection(direction)
+    return out
+
+
+def physical_points_of_label(image: sitk.Image, value: int = 1) -> np.ndarray:
+    """LPS coordinates (mm) of every voxel with ``value``, sorted, for comparing placements across grids."""
+    indices = np.argwhere(sitk.GetArrayViewFromImage(image) == value)[:, ::-1]  # (z,y,x) -> (x,y,z)
+    points = np.array([image.TransformIndexToPhysicalPoint(tuple(int(v) for v in idx)) for idx in indices])
+    return points[np.lexsort(points.T[::-1])] if len(points) else points

@@ -1,0 +1,66 @@
+"""The bundled model on real data: the card's validation Dice reproduced through the medseg command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from medseg.cli import main
+from medseg.metrics import evaluate_images
+from medseg.models.folder import load_model_folder
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+
+def test_bundled_weights_are_small_half_precision_and_documented(bundled_model_dir):
+    import torch
+
+    weights = bundled_model_dir / "model.pt"
+    assert weights.stat().st_size < 5 * 2**20, "bundled weights must stay a few MB"
+    state = torch.load(weights, weights_only=True)
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
+    card = load_model_folder(bundled_model_dir).card
+    assert "CC-BY-SA-4.0" in card.licence and "1902.09063" in card.citation
+    assert card.training["split"]["validation"] and not set(card.training["split"]["validation"]) & set(
+        card.training["split"]["train"]
+    )
+
+
+def test_medseg_segment_reproduces_the_card_dice_on_every_validation_case(
+    shared_data, bundled_model_dir, tmp_path, capsys
+):
+    card = json.loads((bundled_model_dir / "model.json").read_text())
+    validation = card["training"]["validation"]
+    cases = card["training"]["split"]["validation"]
+    assert len(cases) == validation["cases"] == 48
+    dice = {1: [], 2: []}
+    for case in cases:
+        image = shared_data / "msd_hippocampus" / "imagesTr" / f"{case}.nii.gz"
+        label = shared_data / "msd_hippocampus" / "labelsTr" / f"{case}.nii.gz"
+        output = tmp_path / f"{case}_seg.nii.gz"
+        assert main(["segment", str(image), "-o", str(output), "--device", "cpu", "--quiet"]) == 0
+        reference = sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkUInt8)
+        for value, metrics in evaluate_images(sitk.ReadImage(str(output)), reference, [1, 2]).items():
+            dice[value].append(metrics.dice)
+    capsys.readouterr()
+    names = {1: "Anterior hippocampus", 2: "Posterior hippocampus"}
+    for value, scores in dice.items():
+        mean = float(np.mean(scores))
+        assert mean == pytest.approx(validation["mean"][names[value]], abs=0.01)
+        assert mean >= 0.85, f"{names[value]}: mean validation Dice {mean:.4f} is below the 0.85 target"
+
+
+def test_demo_segments_the_bundled_sample(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    labelmap = sitk.ReadImage(str(tmp_path / "hippocampus-mni152-t1_seg.nii.gz"))
+    counts = np.bincount(sitk.GetArrayFromImage(labelmap).ravel(), minlength=3)
+    # An adult hippocampus holds about 3-4.5 mL in all; each part well over 0.5 mL. A model that fails on the
+    # template would give nothing or a blob of the whole crop.
+    assert 0.5 < counts[1] / 1000 < 3.0 and 0.5 < counts[2] / 1000 < 3.0
+    assert 2.0 < (counts[1] + counts[2]) / 1000 < 5.5
+    assert "Anterior hippocampus" in out and "mL" in out and str(tmp_path.resolve()) in out
+    pytest.importorskip("slicer")
+    assert (tmp_path / "hippocampus-mni152-t1.seg.nrrd").is_file()

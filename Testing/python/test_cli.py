@@ -1,0 +1,149 @@
+"""The medseg command: segment, models, demo, and bad input reported with the file and no output left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from medseg import io
+from medseg.cli import main
+
+
+@pytest.fixture
+def scan(tmp_path, blob_image):
+    return io.write_image(blob_image, tmp_path / "scan.nii.gz")
+
+
+def write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_segment_writes_a_labelmap_on_the_input_grid(tmp_path, scan, tiny_model, capsys):
+    out_path = tmp_path / "seg.nrrd"
+    code, out, err = run(["segment", scan, "-o", out_path, "--model", tiny_model, "--device", "cpu"], capsys)
+    assert code == 0, err
+    seg = sitk.ReadImage(str(out_path))
+    image = sitk.ReadImage(str(scan))
+    assert (seg.GetSize(), seg.GetSpacing(), seg.GetOrigin(), seg.GetDirection()) == (
+        image.GetSize(),
+        image.GetSpacing(),
+        image.GetOrigin(),
+        image.GetDirection(),
+    )
+    assert "Bright" in out and "mL" in out and str(out_path.resolve()) in out
+
+
+def test_quiet_prints_nothing(tmp_path, scan, tiny_model, capsys):
+    code, out, err = run(["segment", scan, "-o", tmp_path / "s.nii.gz", "-m", tiny_model, "-q"], capsys)
+    assert (code, out, err) == (0, "", "")
+
+
+def test_verbose_shows_progress_and_details(tmp_path, scan, tiny_model, capsys):
+    code, out, err = run(["segment", scan, "-o", tmp_path / "s.nii.gz", "-m", tiny_model, "-v"], capsys)
+    assert code == 0
+    assert "loaded model tiny-test" in err and "inference" in err
+
+
+def test_seg_nrrd_output_carries_the_card(tmp_path, scan, tiny_model, capsys):
+    pytest.importorskip("slicer")
+    from MedSegLib.segmentationio import readSegNrrd
+
+    out_path = tmp_path / "scan.seg.nrrd"
+    code, _, err = run(
+        ["segment", scan, "-o", out_path, "-m", tiny_model, "--probabilities", tmp_path / "p.nii.gz"], capsys
+    )
+    assert code == 0, err
+    segments, _ = readSegNrrd(out_path)
+    assert [s.name for s in segments] == ["Bright", "Other"]
+    probabilities = sitk.ReadImage(str(tmp_path / "p.nii.gz"))
+    assert probabilities.GetNumberOfComponentsPerPixel() == 3
+
+
+def test_models_lists_the_bundled_model(capsys):
+    code, out, _ = run(["models"], capsys)
+    assert code == 0
+    assert "hippocampus-mri" in out and "Anterior hippocampus" in out and "CC-BY-SA-4.0" in out
+    code, out, _ = run(["models", "--json"], capsys)
+    entries = json.loads(out)
+    assert any(
+        e["id"] == "hippocampus-mri" and e["card"]["labels"][1]["name"] == "Posterior hippocampus" for e in entries
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda d: d / "missing.nii.gz", "missing.nii.gz: no such file"),
+        (lambda d: write_bytes(d / "empty.nii.gz", b""), "empty.nii.gz: the file is empty"),
+        (lambda d: write_bytes(d / "junk.mha", b"ObjectType = Image\nNDims = 3\n"), "junk.mha: cannot be read"),
+        (
+            lambda d: io.write_image(sitk.GetImageFromArray(np.ones((5, 5, 5), np.float32)), d / "flat.nii.gz"),
+            "flat.nii.gz: every voxel has the same value",
+        ),
+        (
+            lambda d: io.write_image(sitk.GetImageFromArray(np.eye(5, dtype=np.float32)), d / "flat2d.nii.gz"),
+            "flat2d.nii.gz: expected a 3D volume, got a 2D image",
+        ),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, tiny_model, capsys, make_input, message):
+    source = make_input(tmp_path)
+    out_path = tmp_path / "out.nii.gz"
+    code, out, err = run(["segment", source, "-o", out_path, "-m", tiny_model], capsys)
+    assert code == 1
+    assert err.startswith("medseg: error: ") and message in err and "Traceback" not in err
+    assert not out_path.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temporary file may remain"
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, scan, capsys):
+    code, _, err = run(["segment", scan, "-o", tmp_path / "o.nii.gz", "--model", "liver-ct-9000"], capsys)
+    assert code == 1 and "unknown model 'liver-ct-9000'" in err and "hippocampus-mri" in err
+
+
+def test_broken_card_is_a_clear_error(tmp_path, scan, tiny_model, capsys):
+    card = json.loads((tiny_model / "model.json").read_text())
+    del card["preprocessing"]
+    (tiny_model / "model.json").write_text(json.dumps(card))
+    code, _, err = run(["segment", scan, "-o", tmp_path / "o.nii.gz", "--model", tiny_model], capsys)
+    assert code == 1 and "model.json: missing field 'preprocessing'" in err
+
+
+def test_wrong_channel_count(tmp_path, scan, tiny_model, capsys):
+    code, _, err = run(["segment", scan, scan, "-o", tmp_path / "o.nii.gz", "-m", tiny_model], capsys)
+    assert code == 1 and "needs 1 input channel(s) (T1), got 2" in err
+
+
+def test_missing_gpu_is_a_clear_error(tmp_path, scan, tiny_model, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run(["segment", scan, "-o", tmp_path / "o.nii.gz", "-m", tiny_model, "--device", "cuda"], capsys)
+    assert code == 1 and "no CUDA GPU" in err
+
+
+def test_console_script_is_installed_and_runs(tmp_path, scan, tiny_model):
+    exe = os.path.join(os.path.dirname(sys.executable), "medseg")
+    if not os.path.exists(exe):
+        pytest.skip("medseg console script not installed in this environment")
+    done = subprocess.run(
+        [exe, "segment", str(scan), "-o", str(tmp_path / "o.nii.gz"), "-m", str(tiny_model)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LANG": "C", "LC_ALL": "C"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o.nii.gz").exists()

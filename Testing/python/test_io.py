@@ -1,0 +1,173 @@
+"""Reading and writing: formats, DICOM series, and every kind of bad input named with its file."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from medseg import io
+from medseg.errors import InputImageError, OutputError
+
+
+def write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_formats_round_trip_geometry(tmp_path, blob_image, suffix):
+    image = sitk.Image(blob_image)
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    path = io.write_image(image, tmp_path / f"scan{suffix}")
+    back = io.read_image(path)
+    assert back.GetSize() == image.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image), atol=1e-3)
+    assert [p.name for p in tmp_path.iterdir()] == [f"scan{suffix}"], "no temporary file may remain"
+
+
+def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 1000, (6, 20, 24)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.7, 3.0))
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(array.shape[0]):
+        slice_ = image[:, :, k]
+        for tag, value in {
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",  # series instance UID
+            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(k + 1),
+            "0008|0060": "MR",
+        }.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+    back = io.read_image(folder)
+    assert back.GetSize() == (24, 20, 6)
+    np.testing.assert_allclose(back.GetSpacing(), (0.7, 0.7, 3.0), atol=1e-3)
+    np.testing.assert_allclose(back.GetOrigin(), (-10.0, 20.0, 5.0), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputImageError, match=r"nope\.nii\.gz: no such file"):
+        io.read_image(tmp_path / "nope.nii.gz")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.nii.gz"
+    path.write_bytes(b"")
+    with pytest.raises(InputImageError, match=r"empty\.nii\.gz: the file is empty"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_truncated_file(tmp_path, blob_image, suffix):
+    path = write(blob_image, tmp_path / f"whole{suffix}")
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    with pytest.raises(InputImageError, match=rf"truncated\{suffix}: .*truncated"):
+        io.read_image(truncated)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "corrupt.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10\nencoding: raw\n\n" + b"\x00" * 50)
+    with pytest.raises(InputImageError, match=r"corrupt\.nrrd: cannot be read"):
+        io.read_image(path)
+
+
+def test_not_an_image(tmp_path):
+    path = tmp_path / "notes.nii.gz"
+    path.write_bytes(gzip.compress(b"this is a text file, not a NIfTI"))
+    with pytest.raises(InputImageError, match=r"notes\.nii\.gz"):
+        io.read_image(path)
+
+
+def test_2d_image_is_refused(tmp_path):
+    path = write(sitk.GetImageFromArray(np.arange(100, dtype=np.float32).reshape(10, 10)), tmp_path / "slice.nii.gz")
+    with pytest.raises(InputImageError, match=r"slice\.nii\.gz: expected a 3D volume, got a 2D image of size 10x10"):
+        io.read_image(path)
+
+
+def test_4d_image_is_refused(tmp_path):
+    array = np.random.default_rng(0).normal(size=(3, 5, 6, 7)).astype(np.float32)
+    image = sitk.JoinSeries([sitk.GetImageFromArray(a) for a in array])
+    path = write(image, tmp_path / "timeseries.nii.gz")
+    with pytest.raises(
+        InputImageError, match=r"timeseries\.nii\.gz: expected a 3D volume, got a 4D image of size 7x6x5x3"
+    ):
+        io.read_image(path)
+
+
+def test_4d_with_single_volume_is_accepted(tmp_path, blob_image):
+    path = write(sitk.JoinSeries([blob_image]), tmp_path / "one_frame.nii.gz")
+    assert io.read_image(path).GetSize() == blob_image.GetSize()
+
+
+def test_nan_voxels_are_refused(tmp_path, blob_image):
+    array = sitk.GetArrayFromImage(blob_image)
+    array[3, 4, 5] = np.nan
+    array[0, 0, 0] = np.inf
+    path = write(sitk.GetImageFromArray(array), tmp_path / "nan.nrrd")
+    with pytest.raises(InputImageError, match=r"nan\.nrrd: 2 voxels are NaN or infinite"):
+        io.read_image(path)
+
+
+def test_constant_image_is_refused(tmp_path):
+    path = write(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.int16)), tmp_path / "blank.nrrd")
+    with pytest.raises(InputImageError, match=r"blank\.nrrd: every voxel has the same value \(0\)"):
+        io.read_image(path)
+
+
+def test_vector_image_is_refused(tmp_path):
+    rgb = sitk.GetImageFromArray(
+        np.random.default_rng(0).integers(0, 255, (4, 5, 6, 3)).astype(np.uint8), isVector=True
+    )
+    path = write(rgb, tmp_path / "rgb.nrrd")
+    with pytest.raises(InputImageError, match=r"rgb\.nrrd: expected one value per voxel, got 3"):
+        io.read_image(path)
+
+
+def test_channels_must_share_a_grid(tmp_path, blob_image):
+    a = write(blob_image, tmp_path / "t1.nii.gz")
+    shifted = sitk.Image(blob_image)
+    shifted.SetOrigin((13.0, -30.0, 7.5))
+    b = write(shifted, tmp_path / "flair.nii.gz")
+    with pytest.raises(InputImageError, match=r"flair\.nii\.gz: its voxel grid differs from .*t1\.nii\.gz: origin"):
+        io.read_channels([a, b])
+
+
+def test_channel_count_must_match_the_model(tmp_path, blob_image):
+    a = write(blob_image, tmp_path / "t1.nii.gz")
+    with pytest.raises(InputImageError, match=r"needs 2 input channel\(s\) \(FLAIR, T1c\), got 1"):
+        io.read_channels([a], channel_names=["FLAIR", "T1c"])
+
+
+def test_output_checks_happen_before_work(tmp_path):
+    with pytest.raises(OutputError, match="unsupported output format .png"):
+        io.check_output_path(tmp_path / "out.png")
+    with pytest.raises(OutputError, match="does not exist"):
+        io.check_output_path(tmp_path / "missing_dir" / "out.nii.gz")
+
+
+def test_failed_write_leaves_nothing(tmp_path, blob_image, monkeypatch):
+    def broken_writer(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", broken_writer)
+    with pytest.raises(OutputError, match="could not be written"):
+        io.write_image(blob_image, tmp_path / "out.nii.gz")
+    assert list(tmp_path.iterdir()) == []

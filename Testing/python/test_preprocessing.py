@@ -1,0 +1,160 @@
+"""Preprocessing and its inverse: orientation, resampling, crops, normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import DIRECTIONS, physical_points_of_label
+from medseg.models.card import Normalization, Preprocessing
+from medseg.postprocessing import restore_labels, restore_probabilities
+from medseg.preprocessing import (
+    IndexBox,
+    image_to_network_array,
+    label_to_network_grid,
+    normalize_intensity,
+    orientation_code,
+    preprocess,
+    resample_to_spacing,
+)
+
+
+def labelled_volume(direction) -> tuple[sitk.Image, sitk.Image]:
+    """An asymmetric image and a label with three values, on an anisotropic grid with ``direction``."""
+    rng = np.random.default_rng(3)
+    image = sitk.GetImageFromArray(rng.normal(50, 10, (11, 17, 23)).astype(np.float32))
+    labels = np.zeros((11, 17, 23), np.uint8)
+    labels[2:5, 3:9, 4:7] = 1
+    labels[6:10, 10:15, 15:21] = 2
+    labels[0, 0, 0] = 3  # a corner voxel: catches any off-by-one flip
+    label = sitk.GetImageFromArray(labels)
+    for im in (image, label):
+        im.SetSpacing((0.6, 0.9, 3.0))
+        im.SetOrigin((-40.0, 12.5, 100.0))
+        im.SetDirection(direction)
+    return image, label
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
+@pytest.mark.parametrize("target", ["RAS", "LPS", "PIR"])
+def test_label_round_trip_is_exact_without_resampling(direction, target):
+    image, label = labelled_volume(direction)
+    spec = Preprocessing(orientation=target, spacing=None, normalization=Normalization(method="none"))
+    volume, record = preprocess([image], spec)
+    assert orientation_code(record.network_reference) == target
+    on_network = label_to_network_grid(label, record)
+    assert on_network.shape == volume.shape[1:]
+    back = restore_labels(on_network, record)
+    assert back.GetSize() == label.GetSize()
+    assert back.GetSpacing() == label.GetSpacing()
+    assert back.GetOrigin() == label.GetOrigin()
+    assert back.GetDirection() == label.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
+def test_reorientation_keeps_every_voxel_at_its_physical_point(direction):
+    image, label = labelled_volume(direction)
+    spec = Preprocessing(orientation="RAS", spacing=None, normalization=Normalization(method="none"))
+    _, record = preprocess([image], spec)
+    on_network = label_to_network_grid(label, record)
+    network_label = sitk.GetImageFromArray(on_network.transpose(2, 1, 0))
+    network_label.CopyInformation(record.network_reference)
+    for value in (1, 2, 3):
+        np.testing.assert_allclose(
+            physical_points_of_label(network_label, value), physical_points_of_label(label, value), atol=1e-6
+        )
+
+
+def test_probabilities_round_trip_exactly_without_resampling():
+    image, label = labelled_volume(DIRECTIONS["oblique"])
+    spec = Preprocessing(orientation="RAS", spacing=None, normalization=Normalization(method="none"))
+    _, record = preprocess([image], spec)
+    on_network = label_to_network_grid(label, record)
+    one_hot = np.stack([(on_network == v).astype(np.float32) for v in range(4)])
+    restored = restore_probabilities(one_hot, record)
+    expected = sitk.GetArrayFromImage(label).transpose(2, 1, 0)
+    np.testing.assert_array_equal(np.argmax(restored, 0), expected)
+
+
+def test_resampling_to_isotropic_and_back_keeps_the_labels():
+    image, label = labelled_volume(DIRECTIONS["LPS"])
+    spec = Preprocessing(orientation="RAS", spacing=(1.0, 1.0, 1.0), normalization=Normalization(method="none"))
+    volume, record = preprocess([image], spec)
+    assert record.resampled
+    np.testing.assert_allclose(record.network_reference.GetSpacing(), (1.0, 1.0, 1.0))
+    # 23*0.6, 17*0.9, 11*3.0 mm -> 14, 15, 33 voxels at 1 mm
+    assert volume.shape[1:] == (14, 15, 33)
+    on_network = label_to_network_grid(label, record)
+    one_hot = np.stack([(on_network == v).astype(np.float32) for v in range(3)])
+    restored = np.argmax(restore_probabilities(one_hot, record), 0)
+    expected = sitk.GetArrayFromImage(label).transpose(2, 1, 0)
+    for value in (1, 2):
+        a, b = restored == value, expected == value
+        dice = 2 * np.sum(a & b) / (a.sum() + b.sum())
+        assert dice > 0.8, f"label {value}: Dice {dice:.3f} after 1 mm resampling and back"
+
+
+def test_resample_to_spacing_keeps_extent_and_origin():
+    image, _ = labelled_volume(DIRECTIONS["oblique"])
+    resampled = resample_to_spacing(image, (1.2, 1.8, 1.5))
+    assert resampled.GetSize() == (12, 8, 22)
+    assert resampled.GetOrigin() == image.GetOrigin()
+    assert resampled.GetDirection() == image.GetDirection()
+
+
+def test_roi_restricts_the_network_input_and_maps_back():
+    image, label = labelled_volume(DIRECTIONS["permuted"])
+    box = IndexBox(start=(2, 1, 1), size=(10, 12, 6))
+    spec = Preprocessing(orientation="LPS", spacing=None, normalization=Normalization(method="none"))
+    volume, record = preprocess([image], spec, roi=box)
+    assert sorted(volume.shape[1:]) == sorted(box.size)
+    restored = sitk.GetArrayFromImage(restore_labels(label_to_network_grid(label, record), record))
+    expected = np.zeros_like(sitk.GetArrayFromImage(label))
+    inside = (slice(1, 7), slice(1, 13), slice(2, 12))  # (z, y, x) of the box
+    expected[inside] = sitk.GetArrayFromImage(label)[inside]
+    np.testing.assert_array_equal(restored, expected)
+
+
+def test_roi_from_physical_corners():
+    image, _ = labelled_volume(DIRECTIONS["LPS"])
+    a = image.TransformIndexToPhysicalPoint((3, 2, 1))
+    b = image.TransformIndexToPhysicalPoint((9, 8, 4))
+    box = IndexBox.from_physical(image, a, b)
+    assert box == IndexBox(start=(3, 2, 1), size=(7, 7, 4))
+
+
+def test_foreground_crop_and_uncrop():
+    array = np.zeros((20, 20, 20), np.float32)
+    array[5:12, 6:10, 8:15] = np.random.default_rng(0).uniform(1, 2, (7, 4, 7))
+    image = sitk.GetImageFromArray(array)
+    label = sitk.GetImageFromArray((array > 1.5).astype(np.uint8))
+    spec = Preprocessing(orientation=None, spacing=None, normalization=Normalization(method="none"), crop="foreground")
+    volume, record = preprocess([image], spec)
+    assert volume.shape[1:] == (7 + 8, 4 + 8, 7 + 8)  # (x, y, z) with a 4-voxel margin
+    back = restore_labels(label_to_network_grid(label, record), record)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+
+
+def test_zscore_puts_scales_of_different_magnitude_on_one_scale():
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 1.0, (10, 10, 10)).astype(np.float32)
+    spec = Normalization(method="zscore", clip_percentiles=(0.5, 99.5))
+    small = normalize_intensity(base * 89, spec)
+    large = normalize_intensity(base * 500000, spec)
+    np.testing.assert_allclose(small, large, atol=1e-4)
+    assert abs(float(small.mean())) < 0.05 and abs(float(small.std()) - 1) < 0.05
+
+
+def test_range_normalisation_for_ct():
+    hu = np.array([-2000.0, -1000.0, 0.0, 400.0, 3000.0], np.float32)
+    out = normalize_intensity(hu, Normalization(method="range", clip_percentiles=None, a_min=-1000, a_max=400))
+    np.testing.assert_allclose(out, [0.0, 0.0, 1000 / 1400, 1.0, 1.0], atol=1e-6)
+
+
+def test_network_array_is_x_y_z():
+    image = sitk.Image(4, 5, 6, sitk.sitkFloat32)
+    image[3, 1, 2] = 7.0
+    array = image_to_network_array(image)
+    assert array.shape == (4, 5, 6)
+    assert array[3, 1, 2] == 7.0

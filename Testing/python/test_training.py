@@ -1,0 +1,106 @@
+"""The minimal training path: a tiny synthetic MSD dataset in, a model folder the engine loads out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import card_dict
+from medseg.segmenter import Segmenter
+
+from training.data import DatasetError, read_msd_dataset, split_cases
+from training.train import load_config, train
+
+
+def make_dataset(root, n=6, *, label_values=(0, 1, 2), shift_label_origin=False):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        labels = np.zeros((20, 24, 20), np.uint8)
+        labels[5:12, 6:14, 4:10] = label_values[1]
+        labels[5:12, 6:14, 10:16] = label_values[2]
+        image = rng.normal(100, 10, labels.shape).astype(np.float32) + 80 * (labels > 0) + 40 * (labels == 2)
+        for kind, array in (("imagesTr", image), ("labelsTr", labels)):
+            out = sitk.GetImageFromArray(array)
+            if kind == "labelsTr" and shift_label_origin and i == 0:
+                out.SetOrigin((5.0, 0.0, 0.0))
+            sitk.WriteImage(out, str(root / kind / f"case_{i:03d}.nii.gz"))
+        entries.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "toy", "labels": {"0": "bg", "1": "a", "2": "b"}, "training": entries})
+    )
+    return root
+
+
+def write_config(tmp_path, dataset, **overrides):
+    card = card_dict(id="toy-model")
+    card.pop("weights")
+    card["inference"] = {"roi_size": [16, 16, 16], "overlap": 0.5, "blend_mode": "gaussian", "sw_batch_size": 2}
+    config = {
+        "dataset": str(dataset),
+        "output": str(tmp_path / "out" / "toy-model"),
+        "epochs": 3,
+        "batch_size": 2,
+        "patch_size": [16, 16, 16],
+        "validate_every": 1,
+        "validation_fraction": 0.34,
+        "learning_rate": 0.01,
+        "card": card,
+    }
+    config.update(overrides)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_split_is_fixed_by_the_seed_and_disjoint():
+    ids = [f"c{i}" for i in range(10)]
+    train_a, val_a = split_cases(ids, validation_fraction=0.2, seed=0)
+    train_b, val_b = split_cases(list(reversed(ids)), validation_fraction=0.2, seed=0)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert len(val_a) == 2 and not set(train_a) & set(val_a)
+    assert split_cases(ids, validation_fraction=0.2, seed=1)[1] != val_a
+
+
+@pytest.mark.slow
+def test_training_writes_a_model_folder_the_engine_loads(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    folder = train(load_config(write_config(tmp_path, dataset)))
+    card = json.loads((folder / "model.json").read_text())
+    assert card["training"]["split"]["validation"] and card["training"]["epochs"] == 3
+    assert set(card["training"]["validation"]["mean"]) == {"Bright", "Other"}
+    assert len(card["training"]["validation"]["per_case"]) == 2
+    segmenter = Segmenter(folder, device="cpu")
+    image = sitk.ReadImage(str(dataset / "imagesTr" / "case_000.nii.gz"))
+    assert segmenter.segment(image).labelmap.GetSize() == image.GetSize()
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["toy-model"], "no temporary folder may remain"
+
+
+def test_config_typo_is_refused_before_training(tmp_path):
+    path = write_config(tmp_path, tmp_path, epocs=3)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epocs'\]"):
+        load_config(path)
+
+
+def test_label_value_not_in_dataset_json_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "toy", label_values=(0, 1, 5))
+    with pytest.raises(DatasetError, match=r"label value\(s\) \[5\] not in dataset.json"):
+        train(load_config(write_config(tmp_path, dataset)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_label_file_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    (dataset / "labelsTr" / "case_002.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"case_002.nii.gz: listed in .*dataset.json but missing"):
+        read_msd_dataset(dataset)
+
+
+def test_image_label_grid_mismatch_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "toy", shift_label_origin=True)
+    with pytest.raises(DatasetError, match=r"case_000.nii.gz: its grid differs from .*origin"):
+        train(load_config(write_config(tmp_path, dataset)))

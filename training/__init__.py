@@ -1,0 +1,1 @@
+"""Training: turns a labelled dataset into a model folder the MedSeg engine loads."""
