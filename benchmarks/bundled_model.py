@@ -45,6 +45,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--compare-cpu",
+        action="store_true",
+        help="also segment on the CPU and report the fraction of voxels with the same label",
+    )
+    parser.add_argument(
         "--data",
         default=os.environ.get("MEDSEG_SHARED_DATA", str(REPO.parent / "shared" / "data")) + "/msd_hippocampus",
     )
@@ -52,6 +57,7 @@ def main() -> int:
     from monai.inferers import sliding_window_inference
 
     segmenter = Segmenter(None, device=args.device)
+    cpu_segmenter = Segmenter(None, device="cpu") if args.compare_cpu else None
     card = segmenter.card
     cases = card.training["split"]["validation"]
     names = {label.value: label.name for label in card.labels}
@@ -91,6 +97,10 @@ def main() -> int:
                 "network_seconds": round(network_seconds, 4),
                 "monai_baseline_seconds": round(monai_seconds, 4),
             }
+            if cpu_segmenter is not None:
+                on_cpu = cpu_segmenter.segment(io.read_image(image_path)).labelmap
+                same = sitk.GetArrayFromImage(on_cpu) == sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+                row["agreement_with_cpu"] = round(float(same.mean()), 6)
             rows.append(row)
             if i < 3 or "--all" in sys.argv:
                 print(json.dumps(row))
@@ -108,6 +118,8 @@ def main() -> int:
         "median_monai_baseline_seconds": round(float(np.median([r["monai_baseline_seconds"] for r in rows])), 4),
         "peak_rss_MiB": round(peak_rss_mib(), 1),
     }
+    if cpu_segmenter is not None:
+        summary["min_agreement_with_cpu"] = min(r["agreement_with_cpu"] for r in rows)
     summary["network_speed_ratio_vs_monai_baseline"] = round(
         summary["median_monai_baseline_seconds"] / summary["median_network_seconds"], 2
     )

@@ -158,6 +158,7 @@ class Segmenter:
         io.check_output_path(output, suffixes=(*io.WRITABLE_SUFFIXES, ".seg.nrrd"))
         if probabilities is not None:
             io.check_output_path(probabilities)
+        _refuse_overwriting_inputs(inputs, [output] + ([Path(probabilities)] if probabilities is not None else []))
         if is_seg_nrrd:
             writer = seg_nrrd_writer()
         control = control or RunControl()
@@ -168,15 +169,36 @@ class Segmenter:
         )
         control.report("writing", 0.0)
         start = time.perf_counter()
-        if is_seg_nrrd:
-            writer(result.labelmap, self.card, output)
-        else:
-            io.write_image(result.labelmap, output)
-        if probabilities is not None and result.probabilities is not None:
-            io.write_image(result.probabilities, probabilities)
+        written: list[Path] = []
+        try:
+            if probabilities is not None and result.probabilities is not None:
+                written.append(io.write_image(result.probabilities, probabilities))
+            if is_seg_nrrd:
+                written.append(writer(result.labelmap, self.card, output))
+            else:
+                written.append(io.write_image(result.labelmap, output))
+        except BaseException as exc:
+            for path in written:  # all outputs or none: a lone probability map would look like a result
+                path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise io.OutputError(f"{output}: could not be written ({exc})") from None
+            raise
         result.seconds["writing"] = time.perf_counter() - start
         control.report("writing", 1.0)
         return result
+
+
+def _refuse_overwriting_inputs(inputs: Sequence[str | Path], outputs: Sequence[Path]) -> None:
+    """Inputs are never modified: refuse an output path that is one of the inputs, or two outputs that collide."""
+    resolved_inputs = {Path(p).resolve() for p in inputs}
+    seen: set[Path] = set()
+    for output in outputs:
+        target = output.resolve()
+        if target in resolved_inputs or any(parent in resolved_inputs for parent in target.parents):
+            raise io.OutputError(f"{output}: this would overwrite an input; choose another output name")
+        if target in seen:
+            raise io.OutputError(f"{output}: the labelmap and the probabilities cannot be written to one file")
+        seen.add(target)
 
 
 def seg_nrrd_writer():

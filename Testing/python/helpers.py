@@ -126,3 +126,27 @@ def physical_points_of_label(image: sitk.Image, value: int = 1) -> np.ndarray:
     indices = np.argwhere(sitk.GetArrayViewFromImage(image) == value)[:, ::-1]  # (z,y,x) -> (x,y,z)
     points = np.array([image.TransformIndexToPhysicalPoint(tuple(int(v) for v in idx)) for idx in indices])
     return points[np.lexsort(points.T[::-1])] if len(points) else points
+
+
+def write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin) -> Path:
+    """Write an int16 (z, y, x) array as a DICOM series of axial slices, one file per slice."""
+    image = sitk.GetImageFromArray(array_zyx.astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(array_zyx.shape[0]):
+        slice_ = image[:, :, k]
+        tags = {
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",  # series instance UID
+            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(k + 1),
+            "0008|0060": "MR",
+        }
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+    return folder

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import write_dicom_series
 from medseg import io
 from medseg.cli import main
 
@@ -43,6 +44,17 @@ def test_segment_writes_a_labelmap_on_the_input_grid(tmp_path, scan, tiny_model,
         image.GetDirection(),
     )
     assert "Bright" in out and "mL" in out and str(out_path.resolve()) in out
+
+
+def test_dicom_series_folder_as_input(tmp_path, tiny_model, capsys):
+    array = np.random.default_rng(2).integers(0, 400, (8, 20, 24)).astype(np.int16)
+    folder = write_dicom_series(array, tmp_path / "dicom", spacing=(0.9, 0.9, 2.0), origin=(5.0, -3.0, 40.0))
+    code, _, err = run(["segment", folder, "-o", tmp_path / "seg.nii.gz", "-m", tiny_model], capsys)
+    assert code == 0, err
+    seg = sitk.ReadImage(str(tmp_path / "seg.nii.gz"))
+    assert seg.GetSize() == (24, 20, 8)
+    np.testing.assert_allclose(seg.GetOrigin(), (5.0, -3.0, 40.0), atol=1e-3)
+    np.testing.assert_allclose(seg.GetSpacing(), (0.9, 0.9, 2.0), atol=1e-3)
 
 
 def test_quiet_prints_nothing(tmp_path, scan, tiny_model, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import write_dicom_series
 from medseg import io
 from medseg.errors import InputImageError, OutputError
 
@@ -32,32 +33,19 @@ def test_formats_round_trip_geometry(tmp_path, blob_image, suffix):
 
 
 def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
-    rng = np.random.default_rng(1)
-    array = rng.integers(0, 1000, (6, 20, 24)).astype(np.int16)
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing((0.7, 0.7, 3.0))
-    image.SetOrigin((-10.0, 20.0, 5.0))
-    folder = tmp_path / "series"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(array.shape[0]):
-        slice_ = image[:, :, k]
-        for tag, value in {
-            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",  # series instance UID
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0013": str(k + 1),
-            "0008|0060": "MR",
-        }.items():
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_)
+    array = np.random.default_rng(1).integers(0, 1000, (6, 20, 24)).astype(np.int16)
+    folder = write_dicom_series(array, tmp_path / "series", spacing=(0.7, 0.7, 3.0), origin=(-10.0, 20.0, 5.0))
     back = io.read_image(folder)
     assert back.GetSize() == (24, 20, 6)
     np.testing.assert_allclose(back.GetSpacing(), (0.7, 0.7, 3.0), atol=1e-3)
     np.testing.assert_allclose(back.GetOrigin(), (-10.0, 20.0, 5.0), atol=1e-3)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+
+
+def test_folder_without_dicom_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputImageError, match="the folder holds no DICOM series"):
+        io.read_image(tmp_path)
 
 
 def test_missing_file(tmp_path):

@@ -125,3 +125,56 @@ def test_cancel_leaves_no_file(tmp_path, blob_image):
     with pytest.raises(CancelledError):
         segmenter.segment_files([source], tmp_path / "seg.nii.gz", control=control)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_two_channel_model_takes_channels_in_card_order(tmp_path, blob_image):
+    model = threshold_model(tmp_path)
+    two = dict(model.card.__dict__)
+    from medseg.models.card import Channel, ModelCard
+
+    two["channels"] = (Channel("FLAIR", "MR"), Channel("T1c", "MR"))
+    model.card = ModelCard(**two)
+    segmenter = Segmenter(model, device="cpu")
+    flair = io.write_image(blob_image, tmp_path / "flair.nii.gz")
+    dark = sitk.Image(blob_image) * 0 + 5
+    dark[0, 0, 0] = 6
+    t1c = io.write_image(dark, tmp_path / "t1c.nii.gz")
+    # ThresholdNet looks at the first channel only: the blob must come from FLAIR, not T1c.
+    result = segmenter.segment_files([flair, t1c], tmp_path / "seg.nii.gz")
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(result.labelmap), sitk.GetArrayFromImage(expected_blob(blob_image))
+    )
+    swapped = segmenter.segment_files([t1c, flair], tmp_path / "seg2.nii.gz")
+    assert sitk.GetArrayFromImage(swapped.labelmap).sum() <= 1
+    with pytest.raises(InputImageError, match=r"needs 2 input channel\(s\) \(FLAIR, T1c\), got 1"):
+        segmenter.segment_files([flair], tmp_path / "seg3.nii.gz")
+
+
+def test_inputs_are_never_modified_or_overwritten(tmp_path, blob_image):
+    import hashlib
+
+    source = io.write_image(blob_image, tmp_path / "scan.nii.gz")
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    with pytest.raises(OutputError, match="would overwrite an input"):
+        segmenter.segment_files([source], source)
+    with pytest.raises(OutputError, match="cannot be written to one file"):
+        segmenter.segment_files([source], tmp_path / "a.nii.gz", probabilities=tmp_path / "a.nii.gz")
+    segmenter.segment_files([source], tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz")
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+
+
+def test_a_failed_labelmap_write_removes_the_probabilities_too(tmp_path, blob_image, monkeypatch):
+    source = io.write_image(blob_image, tmp_path / "scan.nii.gz")
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    real_write = io.write_image
+
+    def fail_on_labelmap(image, path, **kwargs):
+        if image.GetNumberOfComponentsPerPixel() == 1:
+            raise OutputError(f"{path}: could not be written (disk full)")
+        return real_write(image, path, **kwargs)
+
+    monkeypatch.setattr(io, "write_image", fail_on_labelmap)
+    with pytest.raises(OutputError, match="disk full"):
+        segmenter.segment_files([source], tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
