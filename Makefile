@@ -37,7 +37,7 @@ lint: setup
 models: setup
 	$(VENV)/bin/medseg models
 
-# Re-creates Resources/Models/hippocampus-mri from ../shared/data/msd_hippocampus (about 35 minutes on 2 CPU cores).
+# Re-creates Resources/Models/hippocampus-mri from ../shared/data/msd_hippocampus (about 30 minutes on 2 CPU cores).
 train-hippocampus: setup
 	$(PY) -m training training/configs/hippocampus.json
 
