@@ -171,3 +171,27 @@ def test_card_round_trips_through_to_dict():
     card = card_from_dict(card_dict())
     again = card_from_dict(json.loads(json.dumps(card.to_dict())))
     assert again == card
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs"),
+    [
+        ("UNet", {"channels": [4, 8], "strides": [2]}),
+        ("BasicUNet", {"features": [4, 4, 8, 8, 16, 4]}),
+        ("AttentionUnet", {"channels": [4, 8], "strides": [2]}),
+        ("SegResNet", {"init_filters": 8}),
+        ("DynUNet", {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2]}),
+        ("UNETR", {"img_size": [16, 16, 16], "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}),
+        ("SwinUNETR", {"feature_size": 12, "depths": [1, 1, 1, 1]}),
+    ],
+)
+def test_every_allow_listed_architecture_builds_from_a_card(tmp_path, architecture, kwargs):
+    from medseg.models.architectures import ARCHITECTURES
+
+    assert architecture in ARCHITECTURES
+    folder = write_model_folder(tmp_path / architecture, network={"architecture": architecture, "kwargs": kwargs})
+    network = load_model_folder(folder).network
+    with torch.inference_mode():
+        size = {"BasicUNet": 32, "SwinUNETR": 64}.get(architecture, 16)  # deep encoders need room
+        out = network(torch.randn(1, 1, size, size, size))
+    assert out.shape[:2] == (1, 3)
