@@ -123,6 +123,7 @@ def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, tiny_model, caps
 def test_unknown_model_is_a_clear_error(tmp_path, scan, capsys):
     code, _, err = run(["segment", scan, "-o", tmp_path / "o.nii.gz", "--model", "liver-ct-9000"], capsys)
     assert code == 1 and "unknown model 'liver-ct-9000'" in err and "hippocampus-mri" in err
+    assert not (tmp_path / "o.nii.gz").exists()
 
 
 def test_broken_card_is_a_clear_error(tmp_path, scan, tiny_model, capsys):
@@ -131,11 +132,24 @@ def test_broken_card_is_a_clear_error(tmp_path, scan, tiny_model, capsys):
     (tiny_model / "model.json").write_text(json.dumps(card))
     code, _, err = run(["segment", scan, "-o", tmp_path / "o.nii.gz", "--model", tiny_model], capsys)
     assert code == 1 and "model.json: missing field 'preprocessing'" in err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_weights_that_do_not_match_the_card_are_a_clear_error(tmp_path, scan, tiny_model, capsys):
+    import torch
+
+    state = torch.load(tiny_model / "model.pt", weights_only=True)
+    next(iter(state.values())).mul_(2)
+    torch.save(state, tiny_model / "model.pt")
+    code, _, err = run(["segment", scan, "-o", tmp_path / "o.nii.gz", "--model", tiny_model], capsys)
+    assert code == 1 and "model.pt: SHA-256 is" in err and "weights were changed or damaged" in err
+    assert not (tmp_path / "o.nii.gz").exists()
 
 
 def test_wrong_channel_count(tmp_path, scan, tiny_model, capsys):
     code, _, err = run(["segment", scan, scan, "-o", tmp_path / "o.nii.gz", "-m", tiny_model], capsys)
     assert code == 1 and "needs 1 input channel(s) (T1), got 2" in err
+    assert not (tmp_path / "o.nii.gz").exists()
 
 
 def test_missing_gpu_is_a_clear_error(tmp_path, scan, tiny_model, capsys):

@@ -80,6 +80,17 @@ def test_training_writes_a_model_folder_the_engine_loads(tmp_path):
     assert sorted(p.name for p in folder.parent.iterdir()) == ["toy-model"], "no temporary folder may remain"
 
 
+@pytest.mark.slow
+def test_training_is_reproducible_with_the_same_seed(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    first = train(load_config(write_config(tmp_path, dataset, epochs=2, output=str(tmp_path / "a" / "m"))))
+    second = train(load_config(write_config(tmp_path, dataset, epochs=2, output=str(tmp_path / "b" / "m"))))
+    card_a = json.loads((first / "model.json").read_text())
+    card_b = json.loads((second / "model.json").read_text())
+    assert card_a["weights"]["sha256"] == card_b["weights"]["sha256"]
+    assert card_a["training"]["validation"] == card_b["training"]["validation"]
+
+
 def test_config_typo_is_refused_before_training(tmp_path):
     path = write_config(tmp_path, tmp_path, epocs=3)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epocs'\]"):
