@@ -17,12 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_config(args.config)
-    config._source = args.config  # recorded in the card's provenance
     if args.epochs:
         config.epochs = args.epochs
     if args.output:
         config.output = args.output
-    folder = train(config)
+    folder = train(config, command=" ".join(["python -m training", *(argv if argv is not None else sys.argv[1:])]))
     print(folder)
     return 0
 

@@ -25,7 +25,7 @@ from medseg.metrics import dice_per_label, evaluate_images
 from medseg.models.card import card_from_dict, write_card
 from medseg.models.folder import sha256_of
 
-from .data import PreparedCase, prepare_case, read_label, read_msd_dataset, split_cases
+from .data import DatasetError, PreparedCase, prepare_case, read_label, read_msd_dataset, split_cases
 
 logger = logging.getLogger("training")
 
@@ -154,8 +154,13 @@ def _card_draft(config: TrainConfig) -> dict[str, Any]:
     return draft
 
 
-def train(config: TrainConfig) -> Path:
-    """Train, pick the best epoch by validation Dice, write the model folder, and evaluate it from files."""
+def train(config: TrainConfig, *, command: str = "python -m training CONFIG") -> Path:
+    """Train, pick the best epoch by validation Dice, write the model folder, and evaluate it from files.
+
+    Args:
+        config: the training config.
+        command: how this run was started, recorded in the card's provenance.
+    """
     from medseg.inference import select_device
     from medseg.models.architectures import build_network
     from monai.losses import DiceCELoss
@@ -172,7 +177,7 @@ def train(config: TrainConfig) -> Path:
     cases, dataset_labels = read_msd_dataset(config.dataset)
     valid_values = set(dataset_labels)
     if valid_values != {0, *(label.value for label in card.labels)}:
-        raise ValueError(
+        raise DatasetError(
             f"the card's labels {[lb.value for lb in card.labels]} do not match dataset.json {sorted(valid_values)}"
         )
     train_ids, val_ids = split_cases(
@@ -226,10 +231,11 @@ def train(config: TrainConfig) -> Path:
             entry.get("validation_dice", ""),
         )
     training_seconds = time.time() - started
-    return _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id, training_seconds, device)
+    provenance = {"command": command, "training_seconds": round(training_seconds, 1), "device": str(device)}
+    return _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id, provenance)
 
 
-def _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id, training_seconds, device) -> Path:
+def _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id, provenance) -> Path:
     """Write weights (float16) and card to a temporary folder, evaluate it from files, then move it in place."""
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +246,7 @@ def _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id,
         torch.save(state, tmp / "model.pt")
         draft["weights"] = {"file": "model.pt", "sha256": sha256_of(tmp / "model.pt")}
         draft["training"] = {
-            "command": "python -m training " + str(getattr(config, "_source", "CONFIG")),
+            "command": provenance["command"],
             "dataset": str(config.dataset),
             "seed": config.seed,
             "split": {"validation_fraction": config.validation_fraction, "train": train_ids, "validation": val_ids},
@@ -250,8 +256,8 @@ def _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id,
             "patch_size": list(config.patch_size),
             "learning_rate": config.learning_rate,
             "augmentation": config.augmentation.__dict__,
-            "training_seconds": round(training_seconds, 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {device}",
+            "training_seconds": provenance["training_seconds"],
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {provenance['device']}",
             "torch": torch.__version__,
         }
         write_card(card_from_dict(draft), tmp)
