@@ -7,7 +7,6 @@ classes (no ``slicer.app``, ``qt`` or ``ctk``), so it runs inside Slicer and on 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-from medseg.io import default_file_mode
+from medseg.io import atomic_output
 
 from .nodes import imageFromVolumeNode, setVolumeNodeFromImage
 
@@ -119,20 +118,13 @@ def writeSegNrrd(labelmap: sitk.Image, card, path: str | os.PathLike[str]) -> Pa
     segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", path.name.removesuffix(".seg.nrrd"))
     segmentationNode.CreateDefaultDisplayNodes()
     updateSegmentationFromLabelmap(scene, segmentationNode, labelmap, card.labels)
-    fd, tmpName = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.seg.nrrd", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmpPath:
         storage = slicer.vtkMRMLSegmentationStorageNode()
         scene.AddNode(storage)
-        storage.SetFileName(tmpName)
+        storage.SetFileName(str(tmpPath))
         storage.SetUseCompression(True)
         if not storage.WriteData(segmentationNode):
-            raise OSError(f"{path}: Slicer's segmentation writer failed")
-        os.chmod(tmpName, default_file_mode())
-        os.replace(tmpName, path)
-    except BaseException:
-        Path(tmpName).unlink(missing_ok=True)
-        raise
+            raise OSError("Slicer's segmentation writer failed")
     return path
 
 

@@ -13,7 +13,8 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 #: Single-file formats the engine writes. Two-file formats (.nhdr, .mhd, .hdr) are refused because they cannot
 #: be written atomically.
 WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 #: Relative tolerance when comparing the grids of several input channels.
 GRID_TOLERANCE = 1e-4
@@ -240,22 +240,33 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
-    """Write ``image`` atomically: to a temporary file in the same folder, renamed once complete.
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` only if the block succeeds.
 
-    A failure or interruption therefore never leaves a half-written file under ``path``.
+    A failure or interruption therefore never leaves a half-written file under ``path``, and the temporary file
+    is removed. Writer errors (ITK's ``RuntimeError``, ``OSError``) become :class:`OutputError` naming ``path``.
     """
-    path = check_output_path(path)
-    suffix = image_suffix(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent or ".")
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{image_suffix(path)}", dir=path.parent)
     os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        sitk.WriteImage(image, tmp_name, useCompression=compress)
-        os.chmod(tmp_name, default_file_mode())
-        os.replace(tmp_name, path)
+        yield tmp
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, RuntimeError):
             raise OutputError(f"{path}: could not be written ({_itk_reason(exc)})") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: could not be written ({exc})") from None
         raise
+
+
+def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
+    """Write ``image`` atomically (see :func:`atomic_output`)."""
+    path = check_output_path(path)
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
     return path

@@ -177,11 +177,9 @@ class Segmenter:
                 written.append(writer(result.labelmap, self.card, output))
             else:
                 written.append(io.write_image(result.labelmap, output))
-        except BaseException as exc:
+        except BaseException:
             for path in written:  # all outputs or none: a lone probability map would look like a result
                 path.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise io.OutputError(f"{output}: could not be written ({exc})") from None
             raise
         result.seconds["writing"] = time.perf_counter() - start
         control.report("writing", 1.0)

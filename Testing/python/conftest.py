@@ -7,7 +7,6 @@ real-data tests into silent skips.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -60,8 +59,3 @@ def blob_image() -> sitk.Image:
     image.SetSpacing((0.8, 1.1, 2.5))
     image.SetOrigin((12.0, -30.0, 7.5))
     return image
-
-
-@pytest.fixture
-def model_card_dict(tiny_model) -> dict:
-    return json.loads((tiny_model / "model.json").read_text())

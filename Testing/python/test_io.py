@@ -159,3 +159,16 @@ def test_failed_write_leaves_nothing(tmp_path, blob_image, monkeypatch):
     with pytest.raises(OutputError, match="could not be written"):
         io.write_image(blob_image, tmp_path / "out.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_turns_writer_failures_into_one_named_error(tmp_path):
+    target = tmp_path / "result.seg.nrrd"
+    with pytest.raises(OutputError, match=r"result\.seg\.nrrd: could not be written \(writer failed\)"):
+        with io.atomic_output(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".seg.nrrd")
+            tmp.write_bytes(b"half")
+            raise OSError("writer failed")
+    assert list(tmp_path.iterdir()) == []
+    with io.atomic_output(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["result.seg.nrrd"]
