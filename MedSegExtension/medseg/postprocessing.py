@@ -19,7 +19,7 @@ def _uncrop_foreground(array: np.ndarray, record: PreprocessRecord, fill: Sequen
     box = record.foreground_box
     if box is None:
         return array
-    full = np.empty((array.shape[0], *record.resampled_size), dtype=array.dtype)
+    full = np.empty((array.shape[0], *record.resampled_reference.GetSize()), dtype=array.dtype)
     full[:] = np.asarray(fill, dtype=array.dtype).reshape(-1, 1, 1, 1)
     full[(slice(None), *(slice(s, s + n) for s, n in zip(box.start, box.size)))] = array
     return full
@@ -29,17 +29,7 @@ def _to_cropped_input_grid(
     channel: np.ndarray, record: PreprocessRecord, *, interpolator: int, default: float
 ) -> np.ndarray:
     """Map one (X, Y, Z) channel from the (uncropped) network grid to the ROI-cropped input grid."""
-    network_grid = record.network_reference
-    if record.foreground_box is not None:
-        # The uncropped resampled grid starts at the origin of the network grid's parent.
-        network_grid = sitk.Image(record.resampled_size, sitk.sitkUInt8)
-        parent_origin = record.network_reference.TransformIndexToPhysicalPoint(
-            tuple(-s for s in record.foreground_box.start)
-        )
-        network_grid.SetOrigin(parent_origin)
-        network_grid.SetSpacing(record.network_reference.GetSpacing())
-        network_grid.SetDirection(record.network_reference.GetDirection())
-    image = network_array_to_image(channel, network_grid)
+    image = network_array_to_image(channel, record.resampled_reference)
     if record.resampled:
         image = sitk.Resample(
             image, record.cropped_reference, sitk.Transform(), interpolator, default, image.GetPixelID()

@@ -59,9 +59,9 @@ class PreprocessRecord:
     cropped_reference: sitk.Image  #: the input grid after the ROI crop, before reorientation
     original_orientation: str
     resampled: bool
+    resampled_reference: sitk.Image  #: the reoriented (and resampled) grid, before the foreground crop
     network_reference: sitk.Image  #: the grid of the network array, after resampling and foreground crop
     foreground_box: IndexBox | None
-    resampled_size: tuple[int, int, int]
 
 
 def _geometry_only(image: sitk.Image) -> sitk.Image:
@@ -188,10 +188,10 @@ def preprocess(
     resampled = needs_resampling(images[0], spec.spacing)
     if resampled:
         images = [resample_to_spacing(image, spec.spacing) for image in images]
-    resampled_size = images[0].GetSize()
+    resampled_reference = _geometry_only(images[0])
     arrays = [image_to_network_array(image) for image in images]
     box = foreground_box(arrays[0]) if spec.crop == "foreground" else None
-    network_reference = _geometry_only(images[0])
+    network_reference = resampled_reference
     if box is not None:
         arrays = [a[tuple(slice(s, s + n) for s, n in zip(box.start, box.size))] for a in arrays]
         network_reference = crop(network_reference, box)
@@ -202,9 +202,9 @@ def preprocess(
         cropped_reference=cropped_reference,
         original_orientation=original_orientation,
         resampled=resampled,
+        resampled_reference=resampled_reference,
         network_reference=network_reference,
         foreground_box=box,
-        resampled_size=tuple(resampled_size),
     )
     return stacked, record
 
