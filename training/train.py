@@ -59,6 +59,18 @@ class TrainConfig:
 KNOWN_KEYS = set(TrainConfig.__dataclass_fields__)
 
 
+@dataclass
+class TrainingRun:
+    """What a finished run hands to the model-folder writer."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict[str, Any]]
+    train_ids: list[str]
+    validation_cases: list  #: the validation ``Case`` objects, scored from their files once the folder exists
+    provenance: dict[str, Any]
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a JSON or YAML config; unknown keys are refused (a typo must not be silently ignored)."""
     path = Path(path)
@@ -231,40 +243,51 @@ def train(config: TrainConfig, *, command: str = "python -m training CONFIG") ->
             entry.get("validation_dice", ""),
         )
     training_seconds = time.time() - started
-    provenance = {"command": command, "training_seconds": round(training_seconds, 1), "device": str(device)}
-    return _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id, provenance)
+    run = TrainingRun(
+        best_state=best[2],
+        best_epoch=best[1],
+        history=history,
+        train_ids=train_ids,
+        validation_cases=[by_id[c] for c in val_ids],
+        provenance={"command": command, "training_seconds": round(training_seconds, 1), "device": str(device)},
+    )
+    return _write_model_folder(config, draft, run)
 
 
-def _write_model_folder(config, draft, best, history, train_ids, val_ids, by_id, provenance) -> Path:
+def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: TrainingRun) -> Path:
     """Write weights (float16) and card to a temporary folder, evaluate it from files, then move it in place."""
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     tmp.chmod(0o755)
     try:
-        state = {k: (v.half() if v.is_floating_point() else v) for k, v in best[2].items()}
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in run.best_state.items()}
         torch.save(state, tmp / "model.pt")
         draft["weights"] = {"file": "model.pt", "sha256": sha256_of(tmp / "model.pt")}
         draft["training"] = {
-            "command": provenance["command"],
+            "command": run.provenance["command"],
             "dataset": str(config.dataset),
             "seed": config.seed,
-            "split": {"validation_fraction": config.validation_fraction, "train": train_ids, "validation": val_ids},
+            "split": {
+                "validation_fraction": config.validation_fraction,
+                "train": run.train_ids,
+                "validation": [case.case_id for case in run.validation_cases],
+            },
             "epochs": config.epochs,
-            "best_epoch": best[1],
+            "best_epoch": run.best_epoch,
             "batch_size": config.batch_size,
             "patch_size": list(config.patch_size),
             "learning_rate": config.learning_rate,
             "augmentation": config.augmentation.__dict__,
-            "training_seconds": provenance["training_seconds"],
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {provenance['device']}",
+            "training_seconds": run.provenance["training_seconds"],
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {run.provenance['device']}",
             "torch": torch.__version__,
         }
         write_card(card_from_dict(draft), tmp)
-        validation = evaluate_model_folder(tmp, [by_id[c] for c in val_ids])
+        validation = evaluate_model_folder(tmp, run.validation_cases)
         draft["training"]["validation"] = validation
         write_card(card_from_dict(draft), tmp)
-        (tmp / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        (tmp / "history.json").write_text(json.dumps(run.history, indent=1) + "\n")
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
