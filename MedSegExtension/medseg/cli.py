@@ -3,6 +3,7 @@
 medseg segment scan.nii.gz -o scan_seg.nii.gz
 medseg segment t1.nii.gz -o t1.seg.nrrd --model hippocampus-mri --device cpu
 medseg segment flair.nii.gz t1c.nii.gz -o seg.nii.gz --model path/to/model_folder
+medseg segment ct.nrrd -o ct_seg.nrrd --roi -120 -80 -300 40 60 -180
 medseg models
 medseg demo
 """
@@ -54,6 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     segment.add_argument(
         "--largest-component", action="store_true", help="keep only the largest connected component of each label"
+    )
+    roi = segment.add_mutually_exclusive_group()
+    roi.add_argument(
+        "--roi",
+        nargs=6,
+        type=float,
+        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+        help="work only inside this box: two opposite corners in LPS millimetres (as ITK and DICOM)",
+    )
+    roi.add_argument(
+        "--roi-voxels",
+        nargs=6,
+        type=int,
+        metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+        help="work only inside this box of voxel indices, first and last included",
+    )
+    segment.add_argument(
+        "--progress-json",
+        action="store_true",
+        help="print progress and the result as JSON lines on stdout (for programs driving medseg)",
     )
 
     models = commands.add_parser("models", parents=[verbosity], help="list bundled and installed models")
@@ -128,24 +149,59 @@ def _print_result(result, output: Path, seconds: float) -> None:
     print(f"time       {seconds:.2f}s ({timings})")
 
 
+def _json_line(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def _roi_option(args: argparse.Namespace):
+    from .preprocessing import IndexBox, PhysicalBox
+
+    if args.roi is not None:
+        return PhysicalBox(tuple(args.roi[:3]), tuple(args.roi[3:]))
+    if args.roi_voxels is not None:
+        first, last = args.roi_voxels[:3], args.roi_voxels[3:]
+        if any(b < a for a, b in zip(first, last)):
+            raise MedSegError(f"--roi-voxels: the last index must not be below the first, got {args.roi_voxels}")
+        return IndexBox(tuple(first), tuple(b - a + 1 for a, b in zip(first, last)))
+    return None
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .segmenter import Segmenter
 
     start = time.perf_counter()
+    roi = _roi_option(args)
+    if args.progress_json:
+        _json_line(event="progress", stage="loading model", fraction=0.0)
     segmenter = Segmenter(args.model, device=args.device)
     logger.debug("loaded model %s from %s", segmenter.card.id, segmenter.model.folder)
-    bar = _ProgressBar(enabled=not args.quiet and (sys.stderr.isatty() or args.verbose))
+    if args.progress_json:
+        bar = None
+        progress = lambda stage, fraction: _json_line(event="progress", stage=stage, fraction=fraction)  # noqa: E731
+    else:
+        bar = progress = _ProgressBar(enabled=not args.quiet and (sys.stderr.isatty() or args.verbose))
     try:
         result = segmenter.segment_files(
             args.inputs,
             args.output,
             probabilities=args.probabilities,
+            roi=roi,
             keep_largest=args.largest_component,
-            control=RunControl(progress=bar),
+            control=RunControl(progress=progress),
         )
     finally:
-        bar.close()
-    if not args.quiet:
+        if bar is not None:
+            bar.close()
+    if args.progress_json:
+        _json_line(
+            event="result",
+            model=result.card.id,
+            device=result.device,
+            output=str(Path(args.output).resolve()),
+            statistics=[vars(s) for s in result.statistics],
+            seconds=result.seconds,
+        )
+    elif not args.quiet:
         _print_result(result, Path(args.output), time.perf_counter() - start)
     return 0
 

@@ -44,10 +44,26 @@ class IndexBox:
             raise InputImageError(None, "the region of interest does not overlap the volume")
         return cls(start=tuple(int(v) for v in low), size=tuple(int(v) for v in high - low + 1))
 
+    def overlaps(self, size: Sequence[int]) -> bool:
+        """Whether any voxel of the box lies on a grid of ``size`` (x, y, z)."""
+        stop = np.array(self.start) + self.size
+        return bool(np.all(np.array(self.size) > 0) and np.all(stop > 0) and np.all(np.array(self.start) < size))
+
     def clip_to(self, size: Sequence[int]) -> IndexBox:
         start = np.clip(self.start, 0, np.array(size) - 1)
         stop = np.clip(np.array(self.start) + self.size, start + 1, size)
         return IndexBox(tuple(int(v) for v in start), tuple(int(v) for v in stop - start))
+
+
+@dataclass(frozen=True)
+class PhysicalBox:
+    """An axis-aligned box given by two opposite corners in LPS millimetres, resolved on an image's grid later."""
+
+    corner_a: tuple[float, float, float]
+    corner_b: tuple[float, float, float]
+
+    def to_index_box(self, image: sitk.Image) -> IndexBox:
+        return IndexBox.from_physical(image, self.corner_a, self.corner_b)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from .postprocessing import (
     labels_to_image,
     restore_probabilities,
 )
-from .preprocessing import IndexBox, network_array_to_image, preprocess
+from .preprocessing import IndexBox, PhysicalBox, network_array_to_image, preprocess
 from .progress import ProgressCallback, RunControl
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class Segmenter:
         output: str | Path,
         *,
         probabilities: str | Path | None = None,
+        roi: IndexBox | PhysicalBox | None = None,
         keep_largest: bool = False,
         control: RunControl | None = None,
     ) -> SegmentationResult:
@@ -152,6 +153,7 @@ class Segmenter:
         The output format follows the suffix: ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` write a labelmap;
         ``.seg.nrrd`` writes a Slicer segmentation with the card's names, colours and terminology (needs
         ``slicer-core``). Outputs are checked before the work starts and written only when it succeeded.
+        ``roi`` is a voxel box of the input grid or a physical (LPS mm) box; outside it the result is background.
         """
         output = Path(output)
         is_seg_nrrd = io.image_suffix(output) == ".seg.nrrd"
@@ -164,8 +166,12 @@ class Segmenter:
         control = control or RunControl()
         control.report("reading", 0.0)
         images = io.read_channels(inputs, channel_names=[c.name for c in self.card.channels])
+        if isinstance(roi, PhysicalBox):
+            roi = roi.to_index_box(images[0])
+        if roi is not None and not roi.overlaps(images[0].GetSize()):
+            raise InputImageError(inputs[0], f"the region of interest {roi} lies outside the volume")
         result = self.segment(
-            images, keep_largest=keep_largest, with_probabilities=probabilities is not None, control=control
+            images, roi=roi, keep_largest=keep_largest, with_probabilities=probabilities is not None, control=control
         )
         control.report("writing", 0.0)
         start = time.perf_counter()

@@ -173,3 +173,59 @@ def test_console_script_is_installed_and_runs(tmp_path, scan, tiny_model):
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "o.nii.gz").exists()
+
+
+def test_roi_voxels_restrict_the_work_and_keep_the_grid(tmp_path, scan, tiny_model, capsys):
+    full, boxed = tmp_path / "full.nrrd", tmp_path / "boxed.nrrd"
+    common = ["--model", tiny_model, "--device", "cpu"]
+    assert run(["segment", scan, "-o", full, *common], capsys)[0] == 0
+    code, _, err = run(["segment", scan, "-o", boxed, *common, "--roi-voxels", 2, 3, 1, 9, 12, 7], capsys)
+    assert code == 0, err
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(boxed)))  # (z, y, x)
+    assert labels.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(full))).shape
+    outside = np.ones_like(labels, bool)
+    outside[1:8, 3:13, 2:10] = False
+    assert labels[~outside].any() and not labels[outside].any()
+
+
+def test_roi_in_millimetres_equals_the_same_box_in_voxels(tmp_path, scan, tiny_model, capsys):
+    image = sitk.ReadImage(str(scan))
+    first, last = image.TransformIndexToPhysicalPoint((2, 3, 1)), image.TransformIndexToPhysicalPoint((9, 12, 7))
+    by_mm, by_voxels = tmp_path / "mm.nrrd", tmp_path / "vox.nrrd"
+    common = ["--model", tiny_model, "--device", "cpu"]
+    assert run(["segment", scan, "-o", by_mm, *common, "--roi", *first, *last], capsys)[0] == 0
+    assert run(["segment", scan, "-o", by_voxels, *common, "--roi-voxels", 2, 3, 1, 9, 12, 7], capsys)[0] == 0
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(by_mm))), sitk.GetArrayFromImage(sitk.ReadImage(str(by_voxels)))
+    )
+
+
+@pytest.mark.parametrize(
+    "roi, message",
+    [
+        (["--roi-voxels", 40, 40, 40, 50, 50, 50], "outside the volume"),
+        (["--roi-voxels", 5, 5, 5, 4, 9, 9], "must not be below"),
+        (["--roi", 900, 900, 900, 950, 950, 950], "does not overlap"),
+    ],
+)
+def test_roi_outside_the_volume_is_a_clear_error_and_writes_nothing(tmp_path, scan, tiny_model, capsys, roi, message):
+    out_path = tmp_path / "seg.nrrd"
+    code, _, err = run(["segment", scan, "-o", out_path, "--model", tiny_model, "--device", "cpu", *roi], capsys)
+    assert code == 1 and message in err and not out_path.exists()
+
+
+def test_progress_json_reports_stages_in_order_then_the_result(tmp_path, scan, tiny_model, capsys):
+    out_path = tmp_path / "seg.nrrd"
+    code, out, err = run(
+        ["segment", scan, "-o", out_path, "--model", tiny_model, "--device", "cpu", "--progress-json"], capsys
+    )
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    order = ["loading model", "reading", "preprocessing", "inference", "postprocessing", "writing"]
+    assert [s for s in dict.fromkeys(stages)] == order
+    assert all(0.0 <= e["fraction"] <= 1.0 for e in events if e["event"] == "progress")
+    result = events[-1]
+    assert result["event"] == "result" and result["output"] == str(out_path.resolve())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out_path)))
+    assert [s["voxels"] for s in result["statistics"]] == [int((labels == v).sum()) for v in (1, 2)]

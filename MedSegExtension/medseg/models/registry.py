@@ -25,10 +25,13 @@ DEFAULT_MODEL_ID = "hippocampus-mri"
 
 
 def resources_dir() -> Path | None:
-    """The folder holding ``Models/`` and ``SampleData/``: the source tree's or the installed package's."""
-    source_tree = Path(__file__).resolve().parents[3] / "Resources"
-    if (source_tree / "Models").is_dir():
-        return source_tree
+    """The folder holding ``Models/`` and ``SampleData/``: the Slicer extension's, the source tree's, or pip's."""
+    here = Path(__file__).resolve()
+    # In an installed Slicer extension the engine sits beside MedSeg.py and the models in its Resources/;
+    # in the source tree they are in the repository's top-level Resources/.
+    for candidate in (here.parents[2] / "Resources", here.parents[3] / "Resources"):
+        if (candidate / "Models").is_dir():
+            return candidate
     spec = importlib.util.find_spec("medseg_resources")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))

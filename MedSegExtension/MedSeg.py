@@ -1,0 +1,445 @@
+"""MedSeg: deep-learning segmentation of CT and MRI in 3D Slicer.
+
+Thin by design: the Widget binds the .ui to a parameter node, starts and cancels work, shows progress and errors.
+The scene work is in :mod:`MedSegLib.logic` (MRML and VTK only, tested on slicer-core), and the heavy work runs
+in the engine (``medseg``) in a separate process. Nothing imported here at load time needs torch or MONAI, so
+Slicer starts and the module opens before they are installed.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import qt
+import slicer
+import vtk
+from MedSegLib import dependencies
+from MedSegLib.logic import MedSegLogic as SceneLogic
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#: The most input channels a model may have in this GUI (BraTS-style models use four).
+MAX_CHANNELS = 4
+CHANNEL_SUFFIXES = ("", "2", "3", "4")
+MODEL_FOLDERS_SETTING = "MedSeg/ModelFolders"
+
+
+class MedSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedSeg contributors"]
+        self.parent.helpText = (
+            "Segment CT and MRI volumes with deep-learning models (MONAI sliding-window inference). "
+            "Pick the volume, a model and optionally a region of interest, then Apply. "
+            "The result is a segmentation with the model's names, colours and terminology. "
+            '<a href="https://github.com/medseg/SlicerMedSeg">Documentation</a>.'
+        )
+        self.parent.acknowledgementText = (
+            "MedSeg builds on MONAI, PyTorch, SimpleITK and 3D Slicer. The bundled hippocampus model was trained on "
+            "the Medical Segmentation Decathlon (Task04, CC BY-SA 4.0)."
+        )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The bundled T1 sample in the Sample Data module, so a new user can try MedSeg in two clicks."""
+    import SampleData
+    from MedSegLib.selftest import SAMPLE_NODE_NAME, sampleFile
+
+    path = sampleFile()
+    if path is None:
+        logging.warning("MedSeg: the bundled sample is missing from this installation")
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="MedSeg",
+        sampleName=SAMPLE_NODE_NAME,
+        uris=[path.as_uri()],  # a local file: Sample Data copies it into its cache, no download
+        fileNames=[path.name],
+        nodeNames=[SAMPLE_NODE_NAME],
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "MedSeg.png"),
+        loadFileType="VolumeFile",
+    )
+
+
+@parameterNodeWrapper
+class MedSegParameterNode:
+    """The module's state, saved with the scene. The model and device are plain strings (their lists change)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    inputVolume4: vtkMRMLScalarVolumeNode
+    roi: vtkMRMLMarkupsROINode
+    outputSegmentation: vtkMRMLSegmentationNode
+    model: str = ""  #: a model id, or the path of a model folder the user added
+    device: str = "auto"
+
+
+class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.job = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedSegLogic()
+        self.logic.extraModelFolders = [Path(p) for p in _settingsList(MODEL_FOLDERS_SETTING) if Path(p).is_dir()]
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.connect("timeout()", self.onTimer)
+        self.ui.progressBar.setVisible(False)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+
+        self.populateModels()
+        self.populateDevices()
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self.job is not None:
+            self.cancelJob()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        if self.job is not None:
+            self.cancelJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.model and self.ui.modelComboBox.count:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(0)
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.updateGuiFromParameterNode()
+
+    # Models and devices -------------------------------------------------------------------------------------
+
+    def populateModels(self):
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        self.modelEntries = {}
+        for entry in self.logic.models():
+            key = entry.card.id if entry.source != "added" and entry.card else str(entry.folder)
+            label = f"{entry.card.name} ({entry.card.id})" if entry.card else f"{entry.folder.name} (broken)"
+            combo.addItem(label, key)
+            self.modelEntries[key] = entry
+        combo.blockSignals(wasBlocked)
+
+    def populateDevices(self):
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem("auto (GPU if available)", "auto")
+        combo.addItem("CPU", "cpu")
+        for device, name in _cudaDevices():
+            combo.addItem(f"{device}: {name}", device)
+        combo.blockSignals(wasBlocked)
+
+    def onModelSelected(self, index):
+        if self._parameterNode and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onDeviceSelected(self, index):
+        if self._parameterNode and index >= 0:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def onAddModelFolder(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Model folder (model.json, model.pt)")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("This folder is not a MedSeg model.", waitCursor=True):
+            from medseg.models.card import read_card
+
+            read_card(Path(folder))  # refuse a broken card now, with the card's own explanation
+            self.logic.extraModelFolders.insert(0, Path(folder))
+            _setSettingsList(MODEL_FOLDERS_SETTING, [str(p) for p in self.logic.extraModelFolders])
+            self.populateModels()
+            self._parameterNode.model = str(Path(folder))
+
+    def modelInfoHtml(self, entry) -> str:
+        if entry is None:
+            return ""
+        if entry.card is None:
+            return f"<b>This model cannot be used:</b> {entry.problem}"
+        card = entry.card
+        swatches = " ".join(
+            f'<span style="color:rgb{tuple(label.color)}">&#9632;</span> {label.value} {label.name}'
+            for label in card.labels
+        )
+        channels = ", ".join(f"{c.name} ({c.modality})" for c in card.channels)
+        html = f"<p>{card.description}</p><p><b>Channels:</b> {channels}<br><b>Labels:</b> {swatches}"
+        html += f"<br><b>Licence:</b> {card.licence}"
+        validation = card.training.get("validation", {}).get("mean") if card.training else None
+        if validation:
+            html += "<br><b>Validation Dice:</b> " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items())
+        return html + "</p>"
+
+    # GUI state ----------------------------------------------------------------------------------------------
+
+    def updateGuiFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None:
+            return
+        model = self._parameterNode.model
+        index = self.ui.modelComboBox.findData(model)
+        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+            self.ui.modelComboBox.setCurrentIndex(index)
+        deviceIndex = self.ui.deviceComboBox.findData(self._parameterNode.device)
+        if deviceIndex >= 0 and deviceIndex != self.ui.deviceComboBox.currentIndex:
+            self.ui.deviceComboBox.setCurrentIndex(deviceIndex)
+        entry = self.modelEntries.get(model)
+        self.ui.modelInfoLabel.text = self.modelInfoHtml(entry)
+        channels = entry.card.channels if entry is not None and entry.card is not None else []
+        for index, (selector, label) in enumerate(self.channelWidgets()):
+            visible = index < max(1, len(channels))
+            selector.setVisible(visible)
+            label.setVisible(visible)
+            if index < len(channels):
+                label.text = f"{channels[index].name} volume:"
+        if self.job is None:
+            volumes = self.selectedVolumes()
+            usable = entry is not None and entry.card is not None and len(channels) <= MAX_CHANNELS
+            ready = usable and all(volumes)
+            self.ui.applyButton.enabled = ready
+            if entry is not None and entry.card is not None and not usable:
+                self.ui.applyButton.toolTip = f"This module takes at most {MAX_CHANNELS} channels; use medseg segment."
+            else:
+                self.ui.applyButton.toolTip = "Run the model." if ready else "Select the model and every input volume."
+
+    def channelWidgets(self):
+        """(volume selector, label) per input channel, in the card's channel order."""
+        return [
+            (self.ui.inputVolumeSelector, self.ui.inputVolumeLabel),
+            (self.ui.inputVolumeSelector2, self.ui.inputVolumeLabel2),
+            (self.ui.inputVolumeSelector3, self.ui.inputVolumeLabel3),
+            (self.ui.inputVolumeSelector4, self.ui.inputVolumeLabel4),
+        ]
+
+    def selectedVolumes(self):
+        entry = self.modelEntries.get(self._parameterNode.model)
+        count = len(entry.card.channels) if entry is not None and entry.card is not None else 1
+        return [getattr(self._parameterNode, f"inputVolume{suffix}") for suffix in CHANNEL_SUFFIXES[:count]]
+
+    def setRunning(self, running: bool):
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.toolTip = (
+            "Stop the segmentation; the scene stays as it was." if running else "Run the model."
+        )
+        self.ui.progressBar.setVisible(running)
+        self.ui.progressBar.value = 0
+        for section in (
+            self.ui.inputsCollapsibleButton,
+            self.ui.outputsCollapsibleButton,
+            self.ui.advancedCollapsibleButton,
+        ):
+            section.enabled = not running
+
+    # Running ------------------------------------------------------------------------------------------------
+
+    def onApplyButton(self):
+        if self.job is not None:
+            self.cancelJob()
+            return
+        with slicer.util.tryWithErrorDisplay("MedSeg could not start the segmentation.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            self.ui.statusLabel.text = "Starting..."
+            self.job = self.logic.startSegmentation(
+                self.selectedVolumes(),
+                model=self.modelEntries[self._parameterNode.model].folder,
+                roi=self._parameterNode.roi,
+                device=self._parameterNode.device,
+                outputSegmentation=self._parameterNode.outputSegmentation,
+            )
+            self.setRunning(True)
+            self.timer.start()
+
+    def onTimer(self):
+        job = self.job
+        if job is None:
+            self.timer.stop()
+            return
+        if job.poll():
+            self.ui.progressBar.value = int(round(100 * job.overallFraction))
+            self.ui.statusLabel.text = f"{job.stage.capitalize()}..."
+        if job.running:
+            return
+        self.timer.stop()
+        self.job = None
+        self.setRunning(False)
+        self.ui.statusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+            segmentationNode = job.finish()
+            self._parameterNode.outputSegmentation = segmentationNode
+            statistics = (job.result or {}).get("statistics", [])
+            seconds = sum((job.result or {}).get("seconds", {}).values())
+            volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in statistics)
+            self.ui.statusLabel.text = f"Done in {seconds:.1f} s on {(job.result or {}).get('device', '?')}: {volumes}"
+        self.updateGuiFromParameterNode()
+
+    def cancelJob(self):
+        self.timer.stop()
+        job, self.job = self.job, None
+        if job is not None:
+            job.cancel()
+        self.setRunning(False)
+        self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        self.updateGuiFromParameterNode()
+
+
+def ensureDependencies() -> bool:
+    """Offer to install the engine's missing Python packages; True when everything is there.
+
+    torch comes from the PyTorch extension's installer when it is present (it picks the build for the GPU);
+    the rest from pip, with Slicer's own numpy and SimpleITK pinned so they are never replaced.
+    """
+    import importlib
+
+    missing = dependencies.missingRequirements()
+    if not missing:
+        return True
+    names = ", ".join(r.requirement for r in missing)
+    if not slicer.util.confirmOkCancelDisplay(
+        f"MedSeg needs these Python packages, which are not installed yet:\n\n{names}\n\n"
+        "Install them now? This can take several minutes. Slicer's own numpy, SimpleITK and VTK are kept.",
+        windowTitle="MedSeg: install dependencies",
+    ):
+        return False
+    with slicer.util.WaitCursor():
+        if any(r.module == "torch" for r in missing):
+            try:
+                import PyTorchUtils
+            except ImportError:
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                    return False
+        importlib.invalidate_caches()
+        rest = dependencies.missingRequirements()
+        if rest:
+            constraints = dependencies.writeConstraints(
+                Path(slicer.app.temporaryPath) / "medseg-constraints.txt", dependencies.installedVersions()
+            )
+            slicer.util.pip_install(dependencies.pipArguments(rest, constraints))
+        importlib.invalidate_caches()
+    still = dependencies.missingRequirements()
+    if still:
+        raise RuntimeError(f"these packages are still missing after the installation: {[r.module for r in still]}")
+    return True
+
+
+def _cudaDevices():
+    """(device, name) of each CUDA GPU, when torch is installed; importing it here is deferred to this call."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return []
+    try:
+        import torch
+
+        return [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # a broken CUDA setup must not stop the module from opening
+        logging.warning(f"MedSeg: could not list CUDA devices: {exc}")
+        return []
+
+
+def _settingsList(key):
+    value = qt.QSettings().value(key)
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _setSettingsList(key, values):
+    qt.QSettings().setValue(key, values)
+
+
+class MedSegLogic(ScriptedLoadableModuleLogic, SceneLogic):
+    """The scene logic of :mod:`MedSegLib.logic` with Slicer's parameter node; usable without the GUI."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        SceneLogic.__init__(self, slicer.mrmlScene)
+
+    def getParameterNode(self):
+        return MedSegParameterNode(super().getParameterNode())
+
+
+class MedSegTest(ScriptedLoadableModuleTest):
+    """Runs the real logic and engine on the bundled sample with the bundled model (needs torch and MONAI)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentBundledSample()
+        self.setUp()
+        self.test_RerunUpdatesInPlace()
+
+    def test_SegmentBundledSample(self):
+        from MedSegLib.selftest import EXPECTED_VOLUMES_ML, runSampleCheck
+
+        self.delayDisplay("Segmenting the bundled sample with the bundled model")
+        volumes = runSampleCheck(slicer.mrmlScene, MedSegLogic(), device="cpu")
+        self.assertEqual(list(volumes), list(EXPECTED_VOLUMES_ML))
+        self.delayDisplay(f"Test passed: {volumes}")
+
+    def test_RerunUpdatesInPlace(self):
+        from MedSegLib.selftest import SAMPLE_NODE_NAME, loadVolume, sampleFile
+
+        logic = MedSegLogic()
+        volume = loadVolume(slicer.mrmlScene, sampleFile(), SAMPLE_NODE_NAME)
+        first = logic.segment(volume, device="cpu")
+        second = logic.segment(volume, device="cpu", outputSegmentation=first)
+        self.assertIs(second, first)
+        self.assertEqual(first.GetSegmentation().GetNumberOfSegments(), 2)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
+        self.delayDisplay("Test passed: a second run updated the segmentation in place")

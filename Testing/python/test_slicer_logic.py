@@ -1,0 +1,351 @@
+"""MedSegLogic on slicer-core: real MRML scenes and nodes, the real engine in a separate process.
+
+Volumes are loaded with Slicer's own reader (not MedSeg's conversion code), and positions of labelled voxels are
+computed from Slicer's IJK-to-RAS matrices on one side and from ITK's geometry on the other, so a mistake in
+MedSeg's RAS/LPS handling cannot cancel itself out.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import DIRECTIONS, physical_points_of_label, with_direction
+from medseg.errors import CancelledError, MedSegError, ModelNotFoundError
+from medseg.models.card import read_card
+from medseg.preprocessing import IndexBox
+from medseg.segmenter import Segmenter
+
+slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+pytestmark = [pytest.mark.slicer, pytest.mark.slow]
+
+import vtk  # noqa: E402
+from MedSegLib.logic import MedSegLogic, overallProgress, roiVoxelBox  # noqa: E402
+from MedSegLib.nodes import arrayFromVtkMatrix, vtkMatrixFromArray  # noqa: E402
+from MedSegLib.selftest import EXPECTED_VOLUMES_ML, loadVolume, runSampleCheck, sampleFile  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+ANISOTROPIC_SPACING = (0.9, 1.2, 1.4)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter(None, device="cpu")
+
+
+def sample_with(direction, spacing=ANISOTROPIC_SPACING) -> sitk.Image:
+    image = with_direction(sitk.ReadImage(str(sampleFile())), direction)
+    image.SetSpacing(spacing)
+    return image
+
+
+def load(scene, image: sitk.Image, folder: Path, name: str = "T1"):
+    path = folder / f"{name}.nrrd"
+    sitk.WriteImage(image, str(path))
+    return loadVolume(scene, path, name)
+
+
+def labelled_points_lps(segmentation_node, reference_volume, value: int) -> np.ndarray:
+    """LPS positions (mm) of the voxels of the ``value``-th segment, exported by Slicer on the volume's grid."""
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    segmentation = segmentation_node.GetSegmentation()
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentation.GetNthSegmentID(value - 1))
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
+    dims = labelmap.GetImageData().GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
+    ijk = np.argwhere(voxels > 0)[:, ::-1]
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetIJKToRASMatrix(matrix)
+    ras = (arrayFromVtkMatrix(matrix) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    scene.RemoveNode(labelmap)
+    lps = ras * [-1.0, -1.0, 1.0]
+    return lps[np.lexsort(lps.T[::-1])]
+
+
+def scene_state(scene) -> list[tuple[str, str, int]]:
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return sorted((n.GetID(), n.GetClassName(), n.GetMTime()) for n in nodes)
+
+
+def segments_of(node) -> list[tuple[str, str, tuple]]:
+    segmentation = node.GetSegmentation()
+    return [
+        (
+            segmentation.GetNthSegmentID(i),
+            segmentation.GetNthSegment(i).GetName(),
+            segmentation.GetNthSegment(i).GetColor(),
+        )
+        for i in range(segmentation.GetNumberOfSegments())
+    ]
+
+
+@pytest.mark.parametrize("direction", ["RAS", "LPS", "oblique"])
+def test_every_labelled_voxel_lies_where_the_engine_put_it(tmp_path, segmenter, direction):
+    image = sample_with(DIRECTIONS[direction])
+    expected = segmenter.segment(image).labelmap
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, image, tmp_path)
+    node = MedSegLogic(scene).segment(volume, device="cpu")
+    for value in (1, 2):
+        engine_points = physical_points_of_label(expected, value)
+        assert len(engine_points) > 100  # a real structure, not a stray voxel
+        np.testing.assert_allclose(labelled_points_lps(node, volume, value), engine_points, atol=1e-3)
+
+
+def rotated_roi(scene, center_ras, size, degrees: float):
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi.SetSize(*size)
+    angle = np.deg2rad(degrees)
+    object_to_node = np.eye(4)
+    object_to_node[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    object_to_node[:3, 3] = center_ras
+    roi.SetAndObserveObjectToNodeMatrix(vtkMatrixFromArray(object_to_node))
+    return roi
+
+
+def expected_roi_box(image: sitk.Image, corners_ras: np.ndarray) -> IndexBox:
+    """The voxel box of the ROI's corners, computed with ITK from LPS points (independently of MedSegLib)."""
+    indices = np.array([image.TransformPhysicalPointToContinuousIndex(tuple(c * [-1, -1, 1])) for c in corners_ras])
+    low = np.maximum(np.floor(indices.min(0) + 0.5), 0).astype(int)
+    high = np.minimum(np.ceil(indices.max(0) - 0.5), np.array(image.GetSize()) - 1).astype(int)
+    return IndexBox(tuple(int(v) for v in low), tuple(int(v) for v in high - low + 1))
+
+
+def corner_voxels_lps_of_node_box(volume, box) -> list:
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    corners = np.array([[(box.first, box.last)[(i >> a) & 1][a] for a in range(3)] for i in range(8)], float)
+    ras = (arrayFromVtkMatrix(matrix) @ np.c_[corners, np.ones(8)].T).T[:, :3]
+    return sorted(map(tuple, np.round(ras * [-1, -1, 1], 4)))
+
+
+def corner_voxels_lps_of_image_box(image, box: IndexBox) -> list:
+    last = np.array(box.start) + box.size - 1
+    corners = [[(box.start, last)[(i >> a) & 1][a] for a in range(3)] for i in range(8)]
+    return sorted(tuple(np.round(image.TransformIndexToPhysicalPoint([int(v) for v in c]), 4)) for c in corners)
+
+
+def test_roi_restricts_the_work_and_maps_back_exactly(tmp_path, segmenter):
+    image = sample_with(DIRECTIONS["oblique"])
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, image, tmp_path)
+    full = segmenter.segment(image).labelmap
+    centre_lps = np.array(
+        full.TransformIndexToPhysicalPoint(
+            [int(round(c)) for c in np.argwhere(sitk.GetArrayViewFromImage(full) > 0).mean(0)[::-1]]
+        )
+    )
+    shift = np.array([4.0, -3.0, 2.0])  # the ROI sits under a translation: the box must follow it
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, 3] = shift
+    transform.SetMatrixTransformToParent(vtkMatrixFromArray(matrix))
+    roi = rotated_roi(scene, centre_lps * [-1, -1, 1] - shift, (24.0, 34.0, 26.0), degrees=25)
+    roi.SetAndObserveTransformNodeID(transform.GetID())
+
+    half = np.array([12.0, 17.0, 13.0])
+    signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
+    object_to_world = arrayFromVtkMatrix(roi.GetObjectToNodeMatrix())
+    corners = (object_to_world @ np.c_[signs * half, np.ones(8)].T).T[:, :3] + shift
+    box = expected_roi_box(image, corners)
+    # Slicer's reader may reorder the slices of a left-handed grid, so compare the boxes' corner voxels in mm.
+    np.testing.assert_allclose(
+        corner_voxels_lps_of_node_box(volume, roiVoxelBox(volume, roi)),
+        corner_voxels_lps_of_image_box(image, box),
+        atol=1e-3,
+    )
+
+    node = MedSegLogic(scene).segment(volume, roi=roi, device="cpu")
+    expected = segmenter.segment(image, roi=box).labelmap
+    inside = np.zeros(sitk.GetArrayViewFromImage(expected).shape, bool)
+    (x0, y0, z0), (sx, sy, sz) = box.start, box.size
+    inside[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx] = True
+    labels = sitk.GetArrayViewFromImage(expected)
+    assert labels[inside].any() and not labels[~inside].any()
+    assert (labels > 0).sum() < (sitk.GetArrayViewFromImage(full) > 0).sum()
+    for value in (1, 2):
+        assert len(physical_points_of_label(expected, value)) > 100
+        np.testing.assert_allclose(
+            labelled_points_lps(node, volume, value), physical_points_of_label(expected, value), atol=1e-3
+        )
+
+
+def test_roi_outside_the_volume_is_refused_before_any_work(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    roi = rotated_roi(scene, (900.0, 900.0, 900.0), (10.0, 10.0, 10.0), degrees=0)
+    before = scene_state(scene)
+    with pytest.raises(MedSegError, match='"ROI" does not overlap volume "T1"'):
+        MedSegLogic(scene).segment(volume, roi=roi, device="cpu")
+    assert scene_state(scene) == before
+
+
+def test_segments_carry_the_cards_names_colours_values_and_terminology(tmp_path, bundled_model_dir):
+    card = read_card(bundled_model_dir)
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["RAS"]), tmp_path)
+    node = MedSegLogic(scene).segment(volume, model="hippocampus-mri", device="cpu")
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(card.labels)
+    for index, label in enumerate(card.labels):
+        segment = segmentation.GetNthSegment(index)
+        assert segmentation.GetNthSegmentID(index) == f"label_{label.value}"
+        assert segment.GetName() == label.name
+        np.testing.assert_allclose(segment.GetColor(), label.color_float, atol=1e-6)
+        assert segment.GetLabelValue() == label.value
+        tag = vtk.reference("")
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+        assert label.terminology.type.value in str(tag) and label.terminology.type.scheme in str(tag)
+    assert node.GetNodeReference("referenceImageGeometryRef").GetID() == volume.GetID()
+    display = node.GetDisplayNode()
+    assert display.GetVisibility2D() and display.GetVisibility3D()
+    assert segmentation.ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+
+
+def test_rerun_updates_the_segmentation_in_place(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    logic = MedSegLogic(scene)
+    node = logic.segment(volume, device="cpu")
+    first = [labelled_points_lps(node, volume, value) for value in (1, 2)]
+    node.GetSegmentation().AddEmptySegment("notes", "My notes")  # the user's own segment must survive
+    again = logic.segment(volume, device="cpu", outputSegmentation=node)
+    assert again is node
+    assert [s[0] for s in segments_of(node)] == ["label_1", "label_2", "notes"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    for value, points in zip((1, 2), first):
+        np.testing.assert_array_equal(labelled_points_lps(node, volume, value), points)
+
+
+def test_result_sits_beside_its_volume_and_under_its_transform(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Study 1")
+    if hierarchy.GetItemByDataNode(volume):
+        hierarchy.SetItemParent(hierarchy.GetItemByDataNode(volume), study)
+    else:
+        hierarchy.CreateItem(study, volume)
+    node = MedSegLogic(scene).segment(volume, device="cpu")
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+    assert node.GetTransformNodeID() == transform.GetID()
+
+
+def test_bundled_sample_self_test_passes():
+    scene = slicer.vtkMRMLScene()
+    from MedSegLib.logic import MedSegLogic as Logic
+
+    volumes = runSampleCheck(scene, Logic(scene), device="cpu")
+    assert volumes == pytest.approx(EXPECTED_VOLUMES_ML, abs=0.03)
+
+
+def nan_volume(scene, folder: Path):
+    image = sitk.Cast(sitk.ReadImage(str(sampleFile())), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[3, 4, 5] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    return load(scene, broken, folder, name="Broken scan")
+
+
+def test_engine_failure_leaves_the_scene_and_the_output_as_they_were(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    good = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    logic = MedSegLogic(scene)
+    output = logic.segment(good, device="cpu")
+    broken = nan_volume(scene, tmp_path)
+    before, segments = scene_state(scene), segments_of(output)
+    temporary = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("medseg-*"))
+    with pytest.raises(MedSegError) as failure:
+        logic.segment(broken, device="cpu", outputSegmentation=output)
+    message = str(failure.value)
+    assert 'volume "Broken scan"' in message and "NaN" in message and "channel0" not in message
+    assert scene_state(scene) == before and segments_of(output) == segments
+    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("medseg-*")) == temporary
+
+
+@pytest.mark.parametrize(
+    "model, volumes, error, message",
+    [
+        ("no-such-model", 1, ModelNotFoundError, "no-such-model"),
+        (None, 2, MedSegError, "needs 1 input volume"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(tmp_path, model, volumes, error, message):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    with pytest.raises(error, match=message):
+        MedSegLogic(scene).segment([volume] * volumes, model=model, device="cpu")
+    assert scene_state(scene) == before
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status  # a zombie has ended; only its exit status waits to be collected
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the process-tree check reads /proc")
+def test_cancel_kills_the_whole_process_tree_and_leaves_the_scene_as_it_was(tmp_path):
+    child_pid_file = tmp_path / "child.pid"
+    launcher = tmp_path / "python-with-a-child"
+    import sys
+
+    # The engine's interpreter, started through a launcher that leaves a grandchild behind, as a GPU driver
+    # helper or a data-loader worker would: cancel must end that one too.
+    launcher.write_text(f'#!/bin/sh\nsleep 300 &\necho $! > "{child_pid_file}"\nexec "{sys.executable}" "$@"\n')
+    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    job = MedSegLogic(scene, pythonExecutable=str(launcher)).startSegmentation(volume, device="cpu")
+    deadline = time.time() + 30
+    while not child_pid_file.exists() or not child_pid_file.read_text().strip():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    grandchild = int(child_pid_file.read_text())
+    engine = job.process.pid
+    job.cancel()
+    time.sleep(0.2)
+    assert process_gone(engine) and process_gone(grandchild)
+    assert not job.workDir.exists()
+    with pytest.raises(CancelledError):
+        job.finish()
+    assert scene_state(scene) == before
+
+
+def test_cancel_from_another_thread_stops_a_synchronous_run(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    cancel = threading.Event()
+    stages = []
+    threading.Timer(0.3, cancel.set).start()
+    with pytest.raises(CancelledError):
+        MedSegLogic(scene).segment(volume, device="cpu", progress=lambda s, f: stages.append(s), cancelEvent=cancel)
+    assert scene_state(scene) == before
+
+
+def test_progress_reaches_every_stage_and_the_overall_fraction_only_grows(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    reports = []
+    MedSegLogic(scene).segment(volume, device="cpu", progress=lambda s, f: reports.append((s, f)))
+    assert {s for s, _ in reports} >= {"loading model", "preprocessing", "inference", "postprocessing", "writing"}
+    overall = [overallProgress(s, f) for s, f in reports]
+    assert overall == sorted(overall) and overall[-1] == pytest.approx(1.0)
