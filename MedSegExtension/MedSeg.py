@@ -8,6 +8,7 @@ Slicer starts and the module opens before they are installed.
 
 import logging
 import os
+from html import escape
 from pathlib import Path
 
 import qt
@@ -83,6 +84,7 @@ class MedSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     model: str = ""  #: a model id, or the path of a model folder the user added
     device: str = "auto"
+    refineSmoothness: float = 1.0
 
 
 class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -93,6 +95,8 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
+        self._outputVolume = None  # the volume the output segmentation was made from
+        self._cudaDevices = None  # listed when the Advanced section first opens
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -114,6 +118,10 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedExpanded)
+        self.ui.refineCollapsibleButton.connect("contentsCollapsed(bool)", lambda collapsed: self.updateRefineSection())
+        self._observedSegmentation = None
 
         self.populateModels()
         self.populateDevices()
@@ -123,6 +131,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job is not None:
             self.cancelJob()
         self.removeObservers()
+        self._observedSegmentation = None
 
     def enter(self):
         self.initializeParameterNode()
@@ -179,9 +188,19 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.clear()
         combo.addItem("auto (GPU if available)", "auto")
         combo.addItem("CPU", "cpu")
-        for device, name in _cudaDevices():
+        for device, name in self._cudaDevices or []:
             combo.addItem(f"{device}: {name}", device)
         combo.blockSignals(wasBlocked)
+
+    def onAdvancedExpanded(self, collapsed):
+        """List the CUDA GPUs the first time the section opens (it takes the engine's Python a few seconds)."""
+        if collapsed or self._cudaDevices is not None:
+            return
+        if not dependencies.missingRequirements():
+            with slicer.util.WaitCursor():
+                self._cudaDevices = self.logic.cudaDevices()
+            self.populateDevices()
+            self.updateGuiFromParameterNode()
 
     def onModelSelected(self, index):
         if self._parameterNode and index >= 0:
@@ -199,7 +218,8 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from medseg.models.card import read_card
 
             read_card(Path(folder))  # refuse a broken card now, with the card's own explanation
-            self.logic.extraModelFolders.insert(0, Path(folder))
+            folders = [f for f in self.logic.extraModelFolders if f.resolve() != Path(folder).resolve()]
+            self.logic.extraModelFolders = [Path(folder), *folders]
             _setSettingsList(MODEL_FOLDERS_SETTING, [str(p) for p in self.logic.extraModelFolders])
             self.populateModels()
             self._parameterNode.model = str(Path(folder))
@@ -211,15 +231,16 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return f"<b>This model cannot be used:</b> {entry.problem}"
         card = entry.card
         swatches = " ".join(
-            f'<span style="color:rgb{tuple(label.color)}">&#9632;</span> {label.value} {label.name}'
+            f'<span style="color:rgb{tuple(label.color)}">&#9632;</span> {label.value} {escape(label.name)}'
             for label in card.labels
         )
-        channels = ", ".join(f"{c.name} ({c.modality})" for c in card.channels)
-        html = f"<p>{card.description}</p><p><b>Channels:</b> {channels}<br><b>Labels:</b> {swatches}"
-        html += f"<br><b>Licence:</b> {card.licence}"
-        validation = card.training.get("validation", {}).get("mean") if card.training else None
-        if validation:
-            html += "<br><b>Validation Dice:</b> " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items())
+        channels = ", ".join(f"{escape(c.name)} ({escape(c.modality)})" for c in card.channels)
+        html = f"<p>{escape(card.description)}</p><p><b>Channels:</b> {channels}<br><b>Labels:</b> {swatches}"
+        html += f"<br><b>Licence:</b> {escape(card.licence)}"
+        validation = (card.training or {}).get("validation", {}).get("mean")
+        if isinstance(validation, dict):
+            scores = ", ".join(f"{escape(str(k))} {v:.3f}" for k, v in validation.items() if isinstance(v, float))
+            html += f"<br><b>Validation Dice:</b> {scores}"
         return html + "</p>"
 
     # GUI state ----------------------------------------------------------------------------------------------
@@ -228,12 +249,22 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             return
         model = self._parameterNode.model
-        index = self.ui.modelComboBox.findData(model)
-        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+        index = self.ui.modelComboBox.findData(model)  # -1 shows no model when a saved one is not installed
+        if index != self.ui.modelComboBox.currentIndex:
+            wasBlocked = self.ui.modelComboBox.blockSignals(True)
             self.ui.modelComboBox.setCurrentIndex(index)
+            self.ui.modelComboBox.blockSignals(wasBlocked)
+        if self.ui.deviceComboBox.findData(self._parameterNode.device) < 0:
+            self._parameterNode.device = "auto"  # e.g. cuda:1 saved on another machine
+            return
         deviceIndex = self.ui.deviceComboBox.findData(self._parameterNode.device)
-        if deviceIndex >= 0 and deviceIndex != self.ui.deviceComboBox.currentIndex:
+        if deviceIndex != self.ui.deviceComboBox.currentIndex:
             self.ui.deviceComboBox.setCurrentIndex(deviceIndex)
+        if self._parameterNode.inputVolume is not self._outputVolume and self._parameterNode.outputSegmentation:
+            # another volume: a new result instead of overwriting the previous volume's segmentation
+            self._outputVolume = self._parameterNode.inputVolume
+            self._parameterNode.outputSegmentation = None
+            return
         entry = self.modelEntries.get(model)
         self.ui.modelInfoLabel.text = self.modelInfoHtml(entry)
         channels = entry.card.channels if entry is not None and entry.card is not None else []
@@ -243,6 +274,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.setVisible(visible)
             if index < len(channels):
                 label.text = f"{channels[index].name} volume:"
+        self.updateRefineSection()
         if self.job is None:
             volumes = self.selectedVolumes()
             usable = entry is not None and entry.card is not None and len(channels) <= MAX_CHANNELS
@@ -287,9 +319,10 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job is not None:
             self.cancelJob()
             return
-        with slicer.util.tryWithErrorDisplay("MedSeg could not start the segmentation.", waitCursor=True):
-            if not ensureDependencies():
+        with slicer.util.tryWithErrorDisplay("MedSeg could not install its Python packages."):
+            if not ensureDependencies():  # asks first: no busy cursor over its questions
                 return
+        with slicer.util.tryWithErrorDisplay("MedSeg could not start the segmentation.", waitCursor=True):
             self.ui.statusLabel.text = "Starting..."
             self.job = self.logic.startSegmentation(
                 self.selectedVolumes(),
@@ -315,14 +348,76 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self.setRunning(False)
         self.ui.statusLabel.text = ""
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
-            segmentationNode = job.finish()
-            self._parameterNode.outputSegmentation = segmentationNode
-            statistics = (job.result or {}).get("statistics", [])
-            seconds = sum((job.result or {}).get("seconds", {}).values())
-            volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in statistics)
-            self.ui.statusLabel.text = f"Done in {seconds:.1f} s on {(job.result or {}).get('device', '?')}: {volumes}"
-        self.updateGuiFromParameterNode()
+        try:
+            with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+                segmentationNode = self.logic.finishSegmentation(job)  # keeps the probabilities for Refine
+                self._parameterNode.outputSegmentation = segmentationNode
+                self._outputVolume = self._parameterNode.inputVolume
+                statistics = (job.result or {}).get("statistics", [])
+                seconds = sum((job.result or {}).get("seconds", {}).values())
+                volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in statistics)
+                device = (job.result or {}).get("device", "?")
+                self.ui.statusLabel.text = f"Done in {seconds:.1f} s on {device}: {volumes}"
+        except Exception:
+            self.ui.statusLabel.text = "Failed; the scene was not changed."  # the message box said why
+        finally:
+            self.updateGuiFromParameterNode()
+
+    # Refine -------------------------------------------------------------------------------------------------
+
+    def updateRefineSection(self, caller=None, event=None):
+        """Fill the segment choices from the output segmentation, and follow its segments as they change."""
+        node = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if node is not self._observedSegmentation:
+            if self._observedSegmentation is not None:
+                self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.updateRefineSection)
+            self._observedSegmentation = node
+            if node is not None:
+                self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateRefineSection)
+        segments = []
+        if node is not None:
+            segmentation = node.GetSegmentation()
+            for index in range(segmentation.GetNumberOfSegments()):
+                segments.append((segmentation.GetNthSegmentID(index), segmentation.GetNthSegment(index).GetName()))
+        choices = (
+            (self.ui.refineTargetComboBox, False),
+            (self.ui.refineForegroundComboBox, True),
+            (self.ui.refineBackgroundComboBox, True),
+        )
+        for combo, optional in choices:
+            current = combo.currentData
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            if optional:
+                combo.addItem("(none)", "")
+            for segmentId, name in segments:
+                combo.addItem(name, segmentId)
+            index = combo.findData(current)
+            combo.setCurrentIndex(index if index >= 0 else 0)
+            combo.blockSignals(wasBlocked)
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        self.ui.refineButton.enabled = self.job is None and node is not None and volume is not None and bool(segments)
+
+    def onRefineButton(self):
+        node, volume = self._parameterNode.outputSegmentation, self._parameterNode.inputVolume
+        with slicer.util.tryWithErrorDisplay("MedSeg could not install its Python packages."):
+            if not ensureDependencies():
+                return
+        with slicer.util.tryWithErrorDisplay("Refinement failed.", waitCursor=True):
+            from medseg.graphcut import GraphCutOptions
+
+            _saveSegmentEditorUndoState(node)
+            kept = self.logic.keptProbabilities(node) is not None
+            segmentIds = self.logic.refine(
+                node,
+                volume,
+                targetSegmentId=self.ui.refineTargetComboBox.currentData or None,
+                foregroundStrokeSegmentId=self.ui.refineForegroundComboBox.currentData or None,
+                backgroundStrokeSegmentId=self.ui.refineBackgroundComboBox.currentData or None,
+                options=GraphCutOptions(smoothness=float(self._parameterNode.refineSmoothness)),
+            )
+            source = "the model's probabilities" if kept else "the segmentation itself (no probabilities kept)"
+            self.ui.refineStatusLabel.text = f"Refined {len(segmentIds)} segment(s) from {source}."
 
     def cancelJob(self):
         self.timer.stop()
@@ -352,42 +447,42 @@ def ensureDependencies() -> bool:
         windowTitle="MedSeg: install dependencies",
     ):
         return False
-    with slicer.util.WaitCursor():
-        if any(r.module == "torch" for r in missing):
-            try:
-                import PyTorchUtils
-            except ImportError:
-                PyTorchUtils = None
-            if PyTorchUtils is not None:
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
-                    return False
-        importlib.invalidate_caches()
-        rest = dependencies.missingRequirements()
-        if rest:
+    if any(r.module == "torch" for r in missing):
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is not None:  # the PyTorch extension picks the build that suits the GPU, and asks
+            torchRequirement = next(r.requirement for r in dependencies.ENGINE_REQUIREMENTS if r.module == "torch")
+            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=torchRequirement.removeprefix("torch")
+            )
+            if installed is None:
+                return False
+    importlib.invalidate_caches()
+    rest = dependencies.missingRequirements()
+    if rest:
+        with slicer.util.WaitCursor():
             constraints = dependencies.writeConstraints(
                 Path(slicer.app.temporaryPath) / "medseg-constraints.txt", dependencies.installedVersions()
             )
             slicer.util.pip_install(dependencies.pipArguments(rest, constraints))
-        importlib.invalidate_caches()
+    importlib.invalidate_caches()
     still = dependencies.missingRequirements()
     if still:
         raise RuntimeError(f"these packages are still missing after the installation: {[r.module for r in still]}")
     return True
 
 
-def _cudaDevices():
-    """(device, name) of each CUDA GPU, when torch is installed; importing it here is deferred to this call."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return []
+def _saveSegmentEditorUndoState(segmentationNode):
+    """Let the Segment Editor's Undo revert the next change of ``segmentationNode`` (when the editor is loaded)."""
     try:
-        import torch
-
-        return [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
-    except Exception as exc:  # a broken CUDA setup must not stop the module from opening
-        logging.warning(f"MedSeg: could not list CUDA devices: {exc}")
-        return []
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    except AttributeError:
+        return
+    if editor.segmentationNode() is not segmentationNode:
+        editor.setSegmentationNode(segmentationNode)
+    editor.saveStateForUndo()
 
 
 def _settingsList(key):

@@ -27,6 +27,7 @@ ENGINE_REQUIREMENTS = (
     Requirement("scipy", "scipy"),
     Requirement("tqdm", "tqdm"),
     Requirement("einops", "einops"),
+    Requirement("maxflow", "PyMaxflow"),
 )
 
 #: Distributions Slicer ships and pip must never replace.

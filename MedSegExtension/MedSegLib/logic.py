@@ -10,9 +10,11 @@ Nothing here imports torch or MONAI: the module must load in Slicer before they 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -28,9 +30,9 @@ from medseg.errors import CancelledError, MedSegError
 from medseg.models.card import ModelCard, read_card
 from medseg.models.registry import ModelEntry, find_model_folder, list_models
 
-from .engineprocess import EngineProcess
+from .engineprocess import EngineProcess, defaultPythonExecutable
 from .nodes import arrayFromVtkMatrix, imageFromVolumeNode
-from .segmentationio import updateSegmentationFromLabelmap
+from .segmentationio import replaceSegmentsFromLabelmap, updateSegmentationFromLabelmap
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,9 @@ STAGE_WEIGHTS = {
     "loading model": 0.10,
     "reading": 0.05,
     "preprocessing": 0.10,
-    "inference": 0.60,
+    "inference": 0.55,
     "postprocessing": 0.10,
+    "refining": 0.05,
     "writing": 0.05,
 }
 
@@ -123,8 +126,10 @@ class SegmentationJob:
         device: str,
         outputSegmentation,
         pythonExecutable: str | None = None,
+        keepProbabilities: bool = False,
     ) -> None:
         self.scene = scene
+        self.probabilities: np.ndarray | None = None  #: (C, z, y, x) float16 on the input grid, after finish()
         self.inputVolumes = list(inputVolumes)
         self.card = card
         self.outputSegmentation = outputSegmentation
@@ -138,8 +143,11 @@ class SegmentationJob:
                 sitk.WriteImage(imageFromVolumeNode(volume), str(path))
                 self.inputPaths.append(path)
             self.outputPath = self.workDir / "labelmap.nrrd"
+            self.probabilitiesPath = self.workDir / "probabilities.nrrd" if keepProbabilities else None
             arguments = ["segment", *map(str, self.inputPaths), "-o", str(self.outputPath)]
             arguments += ["--model", str(folder), "--device", device, "--progress-json"]
+            if self.probabilitiesPath is not None:
+                arguments += ["--probabilities", str(self.probabilitiesPath)]
             arguments += roiBox.engineArguments() if roiBox is not None else []
             self.process = EngineProcess(arguments, pythonExecutable=pythonExecutable)
         except BaseException:
@@ -189,7 +197,11 @@ class SegmentationJob:
             if code != 0:
                 raise MedSegError(self._explain(self.process.errorMessage()))
             labelmap = sitk.ReadImage(str(self.outputPath))
-            return self._applyToScene(labelmap)
+            node = self._applyToScene(labelmap)
+            if self.probabilitiesPath is not None and self.probabilitiesPath.exists():
+                vector = sitk.GetArrayFromImage(sitk.ReadImage(str(self.probabilitiesPath)))  # (z, y, x, C)
+                self.probabilities = np.moveaxis(vector, -1, 0).astype(np.float16)
+            return node
         finally:
             self._cleanUp()
 
@@ -273,6 +285,9 @@ class MedSegLogic:
             raise ValueError("MedSegLogic needs an MRML scene outside Slicer: MedSegLogic(slicer.vtkMRMLScene())")
         self.pythonExecutable = pythonExecutable
         self.extraModelFolders: list[Path] = []
+        #: segmentation node id -> probabilities kept from its last run (for refinement), see keptProbabilities
+        self._probabilities: dict[str, KeptProbabilities] = {}
+        self._refinements: dict[str, _RefinementState] = {}
 
     def models(self) -> list[ModelEntry]:
         """Bundled and installed models, plus the folders the user added (first), valid or not."""
@@ -284,6 +299,25 @@ class MedSegLogic:
                 entries.append(ModelEntry(folder=folder, source="added", card=None, problem=str(exc)))
         known = {entry.card.id for entry in entries if entry.card is not None}
         return entries + [e for e in list_models() if e.card is None or e.card.id not in known]
+
+    def cudaDevices(self, timeout: float = 120.0) -> list[tuple[str, str]]:
+        """(device, name) of each CUDA GPU, asked of the engine's Python so torch never loads into Slicer.
+
+        Returns an empty list when there is none, or when torch is missing or broken (the reason is logged).
+        """
+        script = (
+            "import json, torch; print(json.dumps([(f'cuda:{i}', torch.cuda.get_device_name(i)) "
+            "for i in range(torch.cuda.device_count())]))"
+        )
+        python = self.pythonExecutable or defaultPythonExecutable()
+        try:
+            done = subprocess.run(
+                [python, "-c", script], capture_output=True, text=True, encoding="utf-8", timeout=timeout, check=True
+            )
+            return [tuple(device) for device in json.loads(done.stdout.strip().splitlines()[-1])]
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+            logger.warning("could not list CUDA devices: %s", exc)
+            return []
 
     def resolveModel(self, model: str | os.PathLike[str] | None) -> tuple[Path, ModelCard]:
         """(model folder, card) for a model id, a model folder, or None for the bundled default."""
@@ -310,6 +344,8 @@ class MedSegLogic:
         folder, card = self.resolveModel(model)
         self._checkInputs(volumes, card)
         roiBox = roiVoxelBox(volumes[0], roi) if roi is not None else None
+        dims = volumes[0].GetImageData().GetDimensions()
+        keep = int(np.prod(dims)) * (len(card.labels) + 1) <= MAX_KEPT_PROBABILITY_VALUES
         return SegmentationJob(
             self.scene,
             volumes,
@@ -319,7 +355,93 @@ class MedSegLogic:
             device=device,
             outputSegmentation=outputSegmentation,
             pythonExecutable=self.pythonExecutable,
+            keepProbabilities=keep,
         )
+
+    def finishSegmentation(self, job: SegmentationJob):
+        """Finish a job (see :meth:`SegmentationJob.finish`) and keep its probabilities for :meth:`refine`."""
+        node = job.finish()
+        self._refinements.pop(node.GetID(), None)
+        if job.probabilities is not None:
+            self._probabilities[node.GetID()] = KeptProbabilities(
+                job.probabilities, job.inputVolumes[0].GetID(), [label.value for label in job.card.labels]
+            )
+        else:
+            self._probabilities.pop(node.GetID(), None)
+        return node
+
+    def keptProbabilities(self, segmentationNode) -> KeptProbabilities | None:
+        return self._probabilities.get(segmentationNode.GetID())
+
+    def refine(
+        self,
+        segmentationNode,
+        inputVolume,
+        *,
+        targetSegmentId: str | None = None,
+        foregroundStrokeSegmentId: str | None = None,
+        backgroundStrokeSegmentId: str | None = None,
+        options=None,
+    ) -> list[str]:
+        """Refine the segmentation by graph cut on the volume, optionally with strokes; segments change in place.
+
+        The refined segments are the model's (``label_<value>``), or all segments but the strokes for a
+        segmentation MedSeg did not make. The probabilities kept from the last run are used when there are
+        some; otherwise soft probabilities come from the segmentation itself. Strokes are segments (painted in
+        the Segment Editor): the foreground stroke marks voxels of ``targetSegmentId``, the background stroke
+        voxels of none. A stroke added to the same stroke segments re-solves from the previous cut.
+
+        Returns:
+            The ids of the refined segments.
+
+        Raises:
+            MedSegError: a stroke segment is empty or missing, or the inputs do not fit; the scene is unchanged.
+        """
+        from medseg.graphcut import GraphCutOptions, LabelmapRefinement, probabilities_from_labelmap
+
+        segmentation = segmentationNode.GetSegmentation()
+        strokeIds = {foregroundStrokeSegmentId, backgroundStrokeSegmentId} - {None}
+        segmentIds = _refinableSegments(segmentation, strokeIds)
+        if not segmentIds:
+            raise MedSegError(f'segmentation "{segmentationNode.GetName()}" has no segment to refine')
+        values = list(range(1, len(segmentIds) + 1))  # segments in order are labels 1..N
+        image = imageFromVolumeNode(inputVolume)
+        current = _exportSegments(segmentationNode, segmentIds, inputVolume)
+        foreground = background = None
+        if foregroundStrokeSegmentId is not None:
+            if targetSegmentId is None:
+                if len(segmentIds) > 1:
+                    raise MedSegError("choose which segment the foreground stroke belongs to")
+                targetSegmentId = segmentIds[0]
+            if targetSegmentId not in segmentIds:
+                raise MedSegError(f'"{targetSegmentId}" is not one of the segments being refined')
+            painted = _exportStroke(segmentationNode, foregroundStrokeSegmentId, inputVolume)
+            foreground = painted.astype(np.uint8) * np.uint8(segmentIds.index(targetSegmentId) + 1)
+        if backgroundStrokeSegmentId is not None:
+            background = _exportStroke(segmentationNode, backgroundStrokeSegmentId, inputVolume)
+
+        state = self._refinements.get(segmentationNode.GetID())
+        key = (inputVolume.GetID(), tuple(segmentIds), options)
+        if state is None or state.key != key or not state.extendedBy(foreground, background):
+            kept = self._probabilities.get(segmentationNode.GetID())
+            if kept is not None and kept.matches(inputVolume, segmentationNode, segmentIds):
+                probabilities = kept.forSegments(segmentationNode, segmentIds)
+            else:
+                probabilities = probabilities_from_labelmap(current, values, image.GetSpacing())
+            refinement = LabelmapRefinement(
+                sitk.GetArrayViewFromImage(image),
+                probabilities,
+                spacing=image.GetSpacing(),
+                labels=values,
+                options=options or GraphCutOptions(),
+            )
+            state = _RefinementState(key, refinement)
+            self._refinements[segmentationNode.GetID()] = state
+        labels = state.refine(foreground, background)
+        result = sitk.GetImageFromArray(labels)
+        result.CopyInformation(image)
+        replaceSegmentsFromLabelmap(self.scene, segmentationNode, result, segmentIds)
+        return segmentIds
 
     @staticmethod
     def _checkInputs(volumes: list, card: ModelCard) -> None:
@@ -330,6 +452,8 @@ class MedSegLogic:
         for volume in volumes:
             if volume.GetImageData() is None:
                 raise MedSegError(f'volume "{volume.GetName()}" has no voxels')
+        if len({volume.GetID() for volume in volumes}) != len(volumes):
+            raise MedSegError(f"model {card.id} needs a different volume for each channel ({names})")
         for volume in volumes[1:]:
             if not _sameGrid(volumes[0], volume):
                 raise MedSegError(
@@ -376,4 +500,100 @@ class MedSegLogic:
         for stage, fraction in job.poll():
             if progress is not None:
                 progress(stage, fraction)
-        return job.finish()
+        return self.finishSegmentation(job)
+
+
+#: Probabilities are kept for refinement only up to this many values (float16: 256 MiB).
+MAX_KEPT_PROBABILITY_VALUES = 2**27
+
+
+@dataclass
+class KeptProbabilities:
+    """The per-class probabilities of a segmentation's last run, on its input volume's grid."""
+
+    array: np.ndarray  #: (C, z, y, x) float16, component 0 background
+    volumeId: str
+    labelValues: list[int]
+
+    def matches(self, volume, segmentationNode, segmentIds: list[str]) -> bool:
+        dims = volume.GetImageData().GetDimensions() if volume.GetImageData() else None
+        known = {f"label_{v}" for v in self.labelValues}
+        return volume.GetID() == self.volumeId and dims == self.array.shape[1:][::-1] and set(segmentIds) <= known
+
+    def forSegments(self, segmentationNode, segmentIds: list[str]) -> np.ndarray:
+        """(N + 1, z, y, x) float32: background, then one component per segment in ``segmentIds`` order."""
+        components = [int(segmentId.removeprefix("label_")) for segmentId in segmentIds]
+        return self.array[[0, *components]].astype(np.float32)
+
+
+class _RefinementState:
+    """A refinement kept between strokes, and the strokes it has seen."""
+
+    def __init__(self, key, refinement) -> None:
+        self.key = key
+        self.refinement = refinement
+        self.foreground: np.ndarray | None = None
+        self.background: np.ndarray | None = None
+
+    def extendedBy(self, foreground: np.ndarray | None, background: np.ndarray | None) -> bool:
+        """Whether the new strokes only add to the old ones (erasing needs a fresh cut)."""
+        for old, new in ((self.foreground, foreground), (self.background, background)):
+            if old is not None and (new is None or (old.astype(bool) & ~new.astype(bool)).any()):
+                return False
+        return True
+
+    def refine(self, foreground: np.ndarray | None, background: np.ndarray | None) -> np.ndarray:
+        newForeground = foreground
+        if foreground is not None and self.foreground is not None:
+            newForeground = np.where(self.foreground > 0, 0, foreground).astype(foreground.dtype)
+        newBackground = background
+        if background is not None and self.background is not None:
+            newBackground = background & ~self.background
+        labels = self.refinement.refine(
+            newForeground if newForeground is not None and newForeground.any() else None,
+            newBackground if newBackground is not None and newBackground.any() else None,
+        )
+        self.foreground, self.background = foreground, background
+        return labels
+
+
+def _refinableSegments(segmentation, strokeIds: set[str]) -> list[str]:
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    model = [i for i in ids if i.startswith("label_") and i not in strokeIds]
+    return model if model else [i for i in ids if i not in strokeIds]
+
+
+def _exportSegments(segmentationNode, segmentIds: list[str], referenceVolume) -> np.ndarray:
+    """The segments as one (z, y, x) labelmap on the volume's grid, values 1..N in ``segmentIds`` order."""
+    scene = segmentationNode.GetScene()
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_export")
+        ids = vtk.vtkStringArray()
+        for segmentId in segmentIds:
+            ids.InsertNextValue(segmentId)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmapNode, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        )
+        if not ok:
+            raise MedSegError(f'Slicer could not export the segments of "{segmentationNode.GetName()}"')
+        return sitk.GetArrayFromImage(imageFromVolumeNode(labelmapNode)).astype(np.uint8)
+    finally:
+        removeNodesAddedSince(scene, existing)
+
+
+def removeNodesAddedSince(scene, existing: set[str]) -> None:
+    """Remove every node the scene gained since ``existing`` (the exporter adds display and colour nodes)."""
+    added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    for node in [n for n in added if n.GetID() not in existing]:
+        scene.RemoveNode(node)
+
+
+def _exportStroke(segmentationNode, segmentId: str, referenceVolume) -> np.ndarray:
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if segment is None:
+        raise MedSegError(f'segmentation "{segmentationNode.GetName()}" has no stroke segment "{segmentId}"')
+    painted = _exportSegments(segmentationNode, [segmentId], referenceVolume) > 0
+    if not painted.any():
+        raise MedSegError(f'the stroke segment "{segment.GetName()}" is empty: paint at least one voxel in it')
+    return painted

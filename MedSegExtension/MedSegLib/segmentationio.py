@@ -111,6 +111,33 @@ def updateSegmentationFromLabelmap(scene, segmentationNode, labelmap: sitk.Image
     return [segmentIds.GetValue(i) for i in range(segmentIds.GetNumberOfValues())]
 
 
+def replaceSegmentsFromLabelmap(scene, segmentationNode, labelmap: sitk.Image, segmentIds: Sequence[str]) -> None:
+    """Replace the voxels of existing segments in place: label value k of ``labelmap`` is ``segmentIds[k - 1]``.
+
+    Names, colours, terminology and the other segments stay. If Slicer's importer fails, the segmentation is
+    restored as it was.
+    """
+    registerConverterRules()
+    backup = slicer.vtkSegmentation()
+    backup.DeepCopy(segmentationNode.GetSegmentation())
+    ids = vtk.vtkStringArray()
+    for segmentId in segmentIds:
+        ids.InsertNextValue(segmentId)
+    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_import")
+    try:
+        setVolumeNodeFromImage(labelmapNode, sitk.Cast(labelmap, sitk.sitkUInt8))
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmapNode, segmentationNode, ids
+        )
+        if not ok:
+            raise RuntimeError("Slicer could not import the refined labelmap into the segmentation")
+    except BaseException:
+        segmentationNode.GetSegmentation().DeepCopy(backup)
+        raise
+    finally:
+        scene.RemoveNode(labelmapNode)
+
+
 def writeSegNrrd(labelmap: sitk.Image, card, path: str | os.PathLike[str]) -> Path:
     """Write a labelmap as a Slicer ``.seg.nrrd`` with the card's segments, atomically (temp name, rename)."""
     path = Path(path)

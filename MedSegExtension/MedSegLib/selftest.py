@@ -14,6 +14,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .logic import removeNodesAddedSince
+
 SAMPLE_FILE = "hippocampus-mni152-t1.nii.gz"
 SAMPLE_NODE_NAME = "MedSegHippocampusT1"
 #: Volumes (mL) the bundled model gives on the bundled sample (``medseg demo``), and how far a run may stray.
@@ -49,6 +51,7 @@ def segmentVolumesMl(segmentationNode, referenceVolume) -> dict[str, float]:
     volumes = {}
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
+        existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         try:
             ids = vtk.vtkStringArray()
@@ -61,7 +64,7 @@ def segmentVolumesMl(segmentationNode, referenceVolume) -> dict[str, float]:
                 voxels * float(np.prod(labelmap.GetSpacing())) / 1000
             )
         finally:
-            scene.RemoveNode(labelmap)
+            removeNodesAddedSince(scene, existing)
     return volumes
 
 

@@ -4,6 +4,8 @@ medseg segment scan.nii.gz -o scan_seg.nii.gz
 medseg segment t1.nii.gz -o t1.seg.nrrd --model hippocampus-mri --device cpu
 medseg segment flair.nii.gz t1c.nii.gz -o seg.nii.gz --model path/to/model_folder
 medseg segment ct.nrrd -o ct_seg.nrrd --roi -120 -80 -300 40 60 -180
+medseg segment t1.nii.gz -o t1_seg.nii.gz --refine
+medseg refine t1.nii.gz t1_probabilities.nii.gz -o t1_refined.nii.gz --seeds-fg strokes.nii.gz
 medseg models
 medseg demo
 """
@@ -72,10 +74,36 @@ def _parser() -> argparse.ArgumentParser:
         help="work only inside this box of voxel indices, first and last included",
     )
     segment.add_argument(
+        "--refine", action="store_true", help="refine the labels by graph cut on the image (see 'medseg refine')"
+    )
+    _refine_options(segment)
+    segment.add_argument(
         "--progress-json",
         action="store_true",
         help="print progress and the result as JSON lines on stdout (for programs driving medseg)",
     )
+
+    refine = commands.add_parser(
+        "refine",
+        parents=[verbosity],
+        help="refine a segmentation by graph cut, optionally with strokes",
+        description="Refine a segmentation by a minimum cut: the probabilities (or, from a labelmap, soft "
+        "probabilities from the distance to its boundary) give each voxel its cost, neighbours of similar "
+        "intensity are expensive to separate, and strokes are hard constraints. Only the uncertain band around "
+        "the boundary becomes a graph.",
+    )
+    refine.add_argument("image", metavar="IMAGE", help="the image the segmentation belongs to")
+    refine.add_argument(
+        "segmentation",
+        metavar="SEGMENTATION_OR_PROBABILITIES",
+        help="a labelmap, or per-class probabilities (vector image, component 0 background) on IMAGE's grid",
+    )
+    refine.add_argument("-o", "--output", required=True, help="refined labelmap (.nii.gz, .nii, .nrrd, .mha)")
+    refine.add_argument(
+        "--seeds-fg", metavar="MASK", help="foreground strokes: a labelmap whose value k marks voxels of label k"
+    )
+    refine.add_argument("--seeds-bg", metavar="MASK", help="background strokes: nonzero voxels are background")
+    _refine_options(refine)
 
     models = commands.add_parser("models", parents=[verbosity], help="list bundled and installed models")
     models.add_argument("--json", action="store_true", help="machine-readable output")
@@ -91,6 +119,31 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "-m", "--model", help="model id (see 'medseg models') or model folder; default: the bundled model"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _refine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("graph cut")
+    group.add_argument(
+        "--smoothness", type=float, default=1.0, help="weight of the boundary term (default: %(default)s)"
+    )
+    group.add_argument("--connectivity", type=int, choices=(6, 26), default=6, help="neighbourhood (default: 6)")
+    group.add_argument(
+        "--band-mm",
+        type=float,
+        default=0.0,
+        help="how far the graph reaches beyond the uncertain band, in mm (default: %(default)s)",
+    )
+    group.add_argument("--full-volume", action="store_true", help="cut the whole volume instead of the band (slow)")
+
+
+def _graphcut_options(args: argparse.Namespace):
+    from .graphcut import GraphCutOptions
+
+    return GraphCutOptions(
+        smoothness=args.smoothness,
+        connectivity=args.connectivity,
+        band_mm=None if args.full_volume else args.band_mm,
+    )
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -187,6 +240,7 @@ def _segment(args: argparse.Namespace) -> int:
             probabilities=args.probabilities,
             roi=roi,
             keep_largest=args.largest_component,
+            refine=_graphcut_options(args) if args.refine else None,
             control=RunControl(progress=progress),
         )
     finally:
@@ -203,6 +257,26 @@ def _segment(args: argparse.Namespace) -> int:
         )
     elif not args.quiet:
         _print_result(result, Path(args.output), time.perf_counter() - start)
+    return 0
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from .refinement import refine_files
+
+    start = time.perf_counter()
+    summary = refine_files(
+        args.image,
+        args.segmentation,
+        args.output,
+        seeds_fg=args.seeds_fg,
+        seeds_bg=args.seeds_bg,
+        options=_graphcut_options(args),
+    )
+    if not args.quiet:
+        print(f"output     {Path(args.output).resolve()}")
+        for value, (before, after) in summary.volumes_ml.items():
+            print(f"  {value:>3}  {before:9.3f} mL -> {after:9.3f} mL")
+        print(f"time       {time.perf_counter() - start:.2f}s (graph cut {summary.seconds:.2f}s)")
     return 0
 
 
@@ -287,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")  # names in cards may not fit an ASCII terminal
     args = _parser().parse_args(argv)
     _configure_logging(args)
-    handlers = {"segment": _segment, "models": _models, "demo": _demo}
+    handlers = {"segment": _segment, "refine": _refine, "models": _models, "demo": _demo}
     try:
         return handlers[args.command](args)
     except MedSegError as exc:

@@ -63,6 +63,15 @@ def read_image(path: str | Path) -> sitk.Image:
     return image
 
 
+def read_any_image(path: str | Path) -> sitk.Image:
+    """Read an image file as it is (vector images and any value allowed), with the same file checks as
+    :func:`read_image`: missing, empty, truncated or unreadable files raise :class:`InputImageError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(path, "no such file")
+    return _squeeze_to_3d(_read_file(path), path)
+
+
 def _read_file(path: Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise InputImageError(path, "the file is empty (0 bytes)")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
@@ -32,6 +33,9 @@ from .postprocessing import (
 )
 from .preprocessing import IndexBox, PhysicalBox, network_array_to_image, preprocess
 from .progress import ProgressCallback, RunControl
+
+if TYPE_CHECKING:
+    from .graphcut import GraphCutOptions
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ class Segmenter:
         roi: IndexBox | None = None,
         keep_largest: bool = False,
         with_probabilities: bool = False,
+        refine: GraphCutOptions | None = None,
         progress: ProgressCallback | None = None,
         control: RunControl | None = None,
     ) -> SegmentationResult:
@@ -95,6 +100,7 @@ class Segmenter:
             images: the channels in the card's order; a single image for single-channel models.
             roi: restrict the work to this box of the input grid; outside it the result is background.
             keep_largest: keep only the largest connected component of each label.
+            refine: refine the labels by graph cut (:mod:`medseg.graphcut`) on the first channel's intensities.
             with_probabilities: also return the per-class probabilities on the input grid.
             progress: ``progress(stage, fraction)`` callback.
             control: carries progress and cancellation (overrides ``progress``).
@@ -123,11 +129,19 @@ class Segmenter:
         control.report("postprocessing", 0.0)
         restored = restore_probabilities(probabilities, record)
         labels = argmax_labels(restored)
+        seconds["postprocessing"] = time.perf_counter() - start
+        if refine is not None:
+            start = time.perf_counter()
+            control.report("refining", 0.0)
+            labels = _refined_labels(images[0], restored, [label.value for label in self.card.labels], refine)
+            seconds["refinement"] = time.perf_counter() - start
+            control.report("refining", 1.0)
+        start = time.perf_counter()
         if keep_largest:
             labels = keep_largest_component(labels, [label.value for label in self.card.labels])
         labelmap = labels_to_image(labels, record.input_reference)
         probability_image = network_array_to_image(restored, record.input_reference) if with_probabilities else None
-        seconds["postprocessing"] = time.perf_counter() - start
+        seconds["postprocessing"] += time.perf_counter() - start
         control.report("postprocessing", 1.0)
         return SegmentationResult(
             labelmap=labelmap,
@@ -146,6 +160,7 @@ class Segmenter:
         probabilities: str | Path | None = None,
         roi: IndexBox | PhysicalBox | None = None,
         keep_largest: bool = False,
+        refine: GraphCutOptions | None = None,
         control: RunControl | None = None,
     ) -> SegmentationResult:
         """Read the input channels, segment, and write the labelmap (and probabilities) atomically.
@@ -171,7 +186,12 @@ class Segmenter:
         if roi is not None and not roi.overlaps(images[0].GetSize()):
             raise InputImageError(inputs[0], f"the region of interest {roi} lies outside the volume")
         result = self.segment(
-            images, roi=roi, keep_largest=keep_largest, with_probabilities=probabilities is not None, control=control
+            images,
+            roi=roi,
+            keep_largest=keep_largest,
+            with_probabilities=probabilities is not None,
+            refine=refine,
+            control=control,
         )
         control.report("writing", 0.0)
         start = time.perf_counter()
@@ -190,6 +210,20 @@ class Segmenter:
         result.seconds["writing"] = time.perf_counter() - start
         control.report("writing", 1.0)
         return result
+
+
+def _refined_labels(image: sitk.Image, probabilities_xyz, labels: Sequence[int], options: GraphCutOptions):
+    """Graph-cut labels, (X, Y, Z) like the other stages, from (C, X, Y, Z) probabilities on the input grid."""
+    from .graphcut import refine_labelmap
+
+    refined = refine_labelmap(
+        sitk.GetArrayViewFromImage(image),
+        probabilities_xyz.transpose(0, 3, 2, 1),
+        spacing=image.GetSpacing(),
+        labels=labels,
+        options=options,
+    )
+    return refined.transpose(2, 1, 0)
 
 
 def _refuse_overwriting_inputs(inputs: Sequence[str | Path], outputs: Sequence[Path]) -> None:

@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.slicer, pytest.mark.slow]
 
 import vtk  # noqa: E402
 from MedSegLib.logic import MedSegLogic, overallProgress, roiVoxelBox  # noqa: E402
-from MedSegLib.nodes import arrayFromVtkMatrix, vtkMatrixFromArray  # noqa: E402
+from MedSegLib.nodes import arrayFromVtkMatrix, imageFromVolumeNode, vtkMatrixFromArray  # noqa: E402
+from MedSegLib.segmentationio import replaceSegmentsFromLabelmap  # noqa: E402
 from MedSegLib.selftest import EXPECTED_VOLUMES_ML, loadVolume, runSampleCheck, sampleFile  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
@@ -349,3 +350,133 @@ def test_progress_reaches_every_stage_and_the_overall_fraction_only_grows(tmp_pa
     assert {s for s, _ in reports} >= {"loading model", "preprocessing", "inference", "postprocessing", "writing"}
     overall = [overallProgress(s, f) for s, f in reports]
     assert overall == sorted(overall) and overall[-1] == pytest.approx(1.0)
+
+
+# Refine ----------------------------------------------------------------------------------------------------------
+
+
+def labelmap_of(node, volume, count=2) -> np.ndarray:
+    from MedSegLib.logic import _exportSegments
+
+    ids = [node.GetSegmentation().GetNthSegmentID(i) for i in range(count)]
+    return _exportSegments(node, ids, volume)
+
+
+def test_refine_uses_the_kept_probabilities_and_replaces_segments_in_place(tmp_path, segmenter):
+    from medseg.graphcut import refine_labelmap
+
+    image = sample_with(DIRECTIONS["oblique"])
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, image, tmp_path)
+    logic = MedSegLogic(scene)
+    node = logic.segment(volume, device="cpu")
+    kept = logic.keptProbabilities(node)
+    assert kept is not None and kept.array.shape[0] == 3
+    before = labelmap_of(node, volume)
+    segments = segments_of(node)
+    refined_ids = logic.refine(node, volume)
+    assert refined_ids == ["label_1", "label_2"] and segments_of(node) == segments  # same segments, same look
+    after = labelmap_of(node, volume)
+    node_image = sitk.GetArrayFromImage(imageFromVolumeNode(volume))
+    expected = refine_labelmap(node_image, kept.array.astype(np.float32), spacing=image.GetSpacing(), labels=[1, 2])
+    np.testing.assert_array_equal(after, expected)
+    assert (after != before).any() and (after > 0).sum() > 0.9 * (before > 0).sum()
+
+
+def test_refine_honours_stroke_segments_and_reuses_the_cut(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    logic = MedSegLogic(scene)
+    node = logic.segment(volume, device="cpu")
+    before = labelmap_of(node, volume)
+    # strokes as segments, as the Segment Editor paints them: anterior where there was nothing, and an eraser
+    inside = np.argwhere(before == 1)
+    far = np.argwhere(before == 0)[0]
+    stroke_fg = np.zeros(before.shape, np.uint8)
+    stroke_fg[tuple(far)] = 1
+    stroke_bg = np.zeros(before.shape, np.uint8)
+    stroke_bg[tuple(inside[len(inside) // 2])] = 1
+    for name, mask in (("fg stroke", stroke_fg), ("bg stroke", stroke_bg)):
+        image = sitk.GetImageFromArray(mask)
+        image.CopyInformation(imageFromVolumeNode(volume))
+        node.GetSegmentation().AddEmptySegment(name, name)
+        replaceSegmentsFromLabelmap(scene, node, image, [name])
+    logic.refine(
+        node,
+        volume,
+        targetSegmentId="label_1",
+        foregroundStrokeSegmentId="fg stroke",
+        backgroundStrokeSegmentId="bg stroke",
+    )
+    after = labelmap_of(node, volume)
+    assert after[tuple(far)] == 1 and after[tuple(inside[len(inside) // 2])] == 0
+    state = logic._refinements[node.GetID()]
+    sessions_built = [s.rebuilds for s in state.refinement.sessions.values()]
+    logic.refine(
+        node,
+        volume,
+        targetSegmentId="label_1",
+        foregroundStrokeSegmentId="fg stroke",
+        backgroundStrokeSegmentId="bg stroke",
+    )  # the same strokes again: the kept cut answers, nothing is rebuilt
+    assert logic._refinements[node.GetID()] is state
+    assert [s.rebuilds for s in state.refinement.sessions.values()] == sessions_built
+
+
+def test_refine_without_kept_probabilities_uses_the_segmentation_itself(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["RAS"]), tmp_path)
+    node = MedSegLogic(scene).segment(volume, device="cpu")
+    fresh = MedSegLogic(scene)  # another logic, e.g. after reloading the scene: no probabilities kept
+    before = labelmap_of(node, volume)
+    fresh.refine(node, volume)
+    after = labelmap_of(node, volume)
+    for value in (1, 2):
+        overlap = 2 * ((before == value) & (after == value)).sum() / ((before == value).sum() + (after == value).sum())
+        assert overlap > 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"foregroundStrokeSegmentId": "empty"}, 'stroke segment "empty" is empty'),
+        ({"foregroundStrokeSegmentId": "nope"}, 'no stroke segment "nope"'),
+        ({"foregroundStrokeSegmentId": "empty", "targetSegmentId": None}, "choose which segment"),
+    ],
+)
+def test_refine_errors_leave_the_scene_unchanged(tmp_path, kwargs, message):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    logic = MedSegLogic(scene)
+    node = logic.segment(volume, device="cpu")
+    node.GetSegmentation().AddEmptySegment("empty", "empty")
+    kwargs = {"targetSegmentId": "label_1", **kwargs}
+    before, labels = scene_state(scene), labelmap_of(node, volume)
+    with pytest.raises(MedSegError, match=message):
+        logic.refine(node, volume, **kwargs)
+    assert scene_state(scene) == before
+    np.testing.assert_array_equal(labelmap_of(node, volume), labels)
+
+
+def test_cuda_devices_are_listed_by_the_engines_python_without_a_gpu_here():
+    import torch
+    from medseg.inference import select_device  # noqa: F401  (the engine itself is importable here)
+
+    devices = MedSegLogic(slicer.vtkMRMLScene()).cudaDevices()
+    assert devices == [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+    broken = MedSegLogic(slicer.vtkMRMLScene(), pythonExecutable="/nonexistent/python").cudaDevices()
+    assert broken == []
+
+
+def test_the_same_volume_twice_is_refused_for_a_two_channel_model(tmp_path):
+    from helpers import write_model_folder
+
+    folder = write_model_folder(
+        tmp_path / "two", channels=[{"name": "FLAIR", "modality": "MR"}, {"name": "T1c", "modality": "MR"}]
+    )
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    with pytest.raises(MedSegError, match="a different volume for each channel"):
+        MedSegLogic(scene).segment([volume, volume], model=str(folder), device="cpu")
+    assert scene_state(scene) == before

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MedSegExtension"
 MODULE_FILE = MODULE_DIR / "MedSeg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedSeg.ui"
-ENGINE_DEPENDENCIES = {"torch", "monai", "scipy", "tqdm", "einops"}
+ENGINE_DEPENDENCIES = {"torch", "monai", "scipy", "tqdm", "einops", "maxflow"}
 
 
 def ui_widgets() -> dict[str, ElementTree.Element]:
@@ -57,9 +57,12 @@ def test_ui_parameter_bindings_name_wrapper_fields_of_the_combo_boxes_node_type(
             if prop.get("name") == "SlicerParameterName":
                 bound[name] = prop.find("string").text
     assert set(bound.values()) <= set(fields), set(bound.values()) - set(fields)
-    assert len(bound) == 6
+    assert len(bound) == 7
     for name, parameter in bound.items():
         widget = ui_widgets()[name]
+        if fields[parameter] == "float":  # a number: bound to a slider
+            assert widget.get("class") == "ctkSliderWidget", name
+            continue
         assert widget.get("class") == "qMRMLNodeComboBox"
         node_types = [s.text for s in widget.find("property[@name='nodeTypes']").iter("string")]
         assert node_types == [fields[parameter]], (name, node_types, fields[parameter])
@@ -209,19 +212,19 @@ except ImportError as exc:
 def test_missing_dependencies_are_found_and_installed_without_touching_slicers_own(tmp_path):
     present = {"scipy", "tqdm"}
     missing = dependencies.missingRequirements(findSpec=lambda name: object() if name in present else None)
-    assert [r.module for r in missing] == ["torch", "monai", "einops"]
-    versions = dependencies.installedVersions(
-        version=lambda name: (
-            {"numpy": "1.26.4", "SimpleITK": "2.3.1"}[name]
-            if name != "vtk"
-            else (_ for _ in ()).throw(dependencies.importlib.metadata.PackageNotFoundError(name))
-        )
-    )
+    assert [r.module for r in missing] == ["torch", "monai", "einops", "maxflow"]
+
+    def version(name: str) -> str:
+        if name == "vtk":  # inside Slicer VTK is not a pip distribution
+            raise dependencies.importlib.metadata.PackageNotFoundError(name)
+        return {"numpy": "1.26.4", "SimpleITK": "2.3.1"}[name]
+
+    versions = dependencies.installedVersions(version=version)
     assert versions == {"numpy": "1.26.4", "SimpleITK": "2.3.1"}
     constraints = dependencies.writeConstraints(tmp_path / "c.txt", versions)
     assert constraints.read_text(encoding="utf-8") == "SimpleITK==2.3.1\nnumpy==1.26.4\n"
     arguments = dependencies.pipArguments(missing[1:], constraints)
-    assert arguments == ["monai>=1.4", "einops", "--constraint", str(constraints)]
+    assert arguments == ["monai>=1.4", "einops", "PyMaxflow", "--constraint", str(constraints)]
     assert not any(a.split("=")[0].split(">")[0] in ("numpy", "SimpleITK", "vtk") for a in arguments)
 
 
