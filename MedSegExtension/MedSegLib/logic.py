@@ -540,6 +540,8 @@ class _RefinementState:
         for old, new in ((self.foreground, foreground), (self.background, background)):
             if old is not None and (new is None or (old.astype(bool) & ~new.astype(bool)).any()):
                 return False
+        if self.foreground is not None and ((self.foreground > 0) & (foreground != self.foreground)).any():
+            return False  # the same strokes now belong to another segment
         return True
 
     def refine(self, foreground: np.ndarray | None, background: np.ndarray | None) -> np.ndarray:

@@ -323,9 +323,7 @@ def _build_band_graph(
     band_slab = np.zeros(shape, bool)
     band_slab[band_box[0].start - z0 : band_box[0].stop - z0, band_box[1], band_box[2]] = band_local
     band_flat = band_slab.reshape(-1)
-    fixed = threshold[crop].reshape(-1)  # labels of the voxels that are not nodes (a view until strokes change it)
-    if foreground is not None or background is not None:
-        fixed = fixed.copy()
+    fixed = threshold[crop].reshape(-1).copy()  # labels of the voxels that are not nodes (strokes, persistency)
     voxels = np.flatnonzero(band_flat).astype(np.int32)
     is_node = np.ones(voxels.size, bool)
     for stroke, label in ((foreground, True), (background, False)):
@@ -553,49 +551,65 @@ class RefinementSession:
         self._graph.write_labels(out)
         return out
 
+    def _core_band(self) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """(box, mask in the box): the uncertain core widened by ``band_mm`` (computed once)."""
+        if not hasattr(self, "_core_band_cache"):
+            shape = self.image.shape
+            if self.options.band_mm is None:
+                self._core_band_cache = (tuple(slice(0, n) for n in shape), np.ones(shape, bool))
+            elif self.core_box is None:
+                self._core_band_cache = None
+            else:
+                self._core_band_cache = _grown(self.core_box, self.core, self.spacing, self.options.band_mm, shape)
+        return self._core_band_cache
+
+    def _in_core_band(self, mask: np.ndarray) -> np.ndarray:
+        """Which voxels of a full-size ``mask`` lie in the core band (full-size boolean)."""
+        inside = np.zeros(mask.shape, bool)
+        core = self._core_band()
+        if core is not None:
+            box, local = core
+            inside[box] = local & mask[box]
+        return inside
+
     def _band(self) -> tuple[tuple[slice, ...], np.ndarray] | None:
-        """(box, mask in the box) of the band: the uncertain core widened by ``band_mm``, strokes by ``stroke_mm``."""
+        """(box, mask in the box) of the band: the core band, and strokes outside it widened by ``stroke_mm``.
+
+        A stroke inside the core band widens nothing, so adding one there keeps the graph (see
+        :meth:`_add_strokes_to_graph`) and gives the same band a fresh build would.
+        """
         shape = self.image.shape
-        if self.options.band_mm is None:
-            return tuple(slice(0, n) for n in shape), np.ones(shape, bool)
-        parts = []
-        if self.core_box is not None:
-            parts.append((self.core_box, self.core, self.options.band_mm))
+        parts = [] if self._core_band() is None else [self._core_band()]
+        reach = max(self.options.band_mm or 0.0, self.options.stroke_mm)
         for strokes in (self.foreground, self.background):
-            box = None if strokes is None else _bounding_box(strokes, margin=0)
+            if strokes is None:
+                continue
+            outside = strokes & ~self._in_core_band(strokes)
+            box = _bounding_box(outside, margin=0)
             if box is not None:
-                parts.append((box, strokes[box], max(self.options.band_mm, self.options.stroke_mm)))
+                parts.append(_grown(box, outside[box], self.spacing, reach, shape))
         if not parts:
             return None
-        grown = []
-        for box, mask, reach in parts:
-            radius = _radius_voxels(self.spacing, reach)
-            outer = _grow_box(box, radius, shape)
-            if any(radius):
-                padded = np.zeros(tuple(o.stop - o.start for o in outer), bool)
-                padded[tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))] = mask
-                mask = _dilate_box(padded, radius)
-            grown.append((outer, mask))
-        union = tuple(slice(min(g[0][a].start for g in grown), max(g[0][a].stop for g in grown)) for a in range(3))
+        union = tuple(slice(min(g[0][a].start for g in parts), max(g[0][a].stop for g in parts)) for a in range(3))
         band = np.zeros(tuple(u.stop - u.start for u in union), bool)
-        for box, mask in grown:
+        for box, mask in parts:
             band[tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))] |= mask
         return union, band
 
     def _add_strokes_to_graph(self, foreground: np.ndarray | None, background: np.ndarray | None) -> bool:
-        """Put new strokes on band voxels into the existing graph; False when a stroke leaves the band."""
+        """Put new strokes into the existing graph; False when the band must change (then it is rebuilt).
+
+        That is when a stroke lies outside the core band (it widens the band) or paints a voxel the graph had
+        fixed with the other label.
+        """
         graph = self._graph
         updates = []
         for stroke, label in ((foreground, True), (background, False)):
             if stroke is None:
                 continue
-            outside_slab = np.ones(stroke.shape[0], bool)
-            outside_slab[graph.crop[0]] = False
-            if stroke[outside_slab].any():
+            if (stroke & ~self._in_core_band(stroke)).any():
                 return False
             voxels = np.flatnonzero(stroke[graph.crop].reshape(-1))
-            if not graph.band[voxels].all():
-                return False
             nodes = graph.node_ids(voxels)
             if (graph.fixed[voxels[nodes < 0]] != label).any():  # a fixed voxel painted the other way
                 return False
@@ -611,6 +625,17 @@ class RefinementSession:
         if any(nodes.size for nodes, _ in updates):
             graph.flow = graph.graph.maxflow(reuse_trees=True)
         return True
+
+
+def _grown(box, mask, spacing, reach_mm, shape) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(box, mask) widened by ``reach_mm`` (a box per axis)."""
+    radius = _radius_voxels(spacing, reach_mm)
+    if not any(radius):
+        return box, mask
+    outer = _grow_box(box, radius, shape)
+    padded = np.zeros(tuple(o.stop - o.start for o in outer), bool)
+    padded[tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))] = mask
+    return outer, _dilate_box(padded, radius)
 
 
 def _new_strokes(strokes: np.ndarray | None, earlier: np.ndarray | None) -> np.ndarray | None:
@@ -802,20 +827,22 @@ class LabelmapRefinement:
             if unknown:
                 raise RefinementError(f"the foreground strokes use label values {unknown} that the model does not have")
         check_strokes(self.image.shape, None if foreground is None else foreground > 0, background)
+        merged_foreground, merged_background = self.foreground, self.background
         if foreground is not None:
             if (
-                self.foreground is not None
-                and ((self.foreground > 0) & (foreground > 0) & (self.foreground != foreground)).any()
+                merged_foreground is not None
+                and ((merged_foreground > 0) & (foreground > 0) & (merged_foreground != foreground)).any()
             ):
                 raise RefinementError("a new stroke gives voxels another label than an earlier stroke did")
-            self.foreground = (
-                foreground if self.foreground is None else np.where(foreground > 0, foreground, self.foreground)
+            merged_foreground = (
+                foreground if merged_foreground is None else np.where(foreground > 0, foreground, merged_foreground)
             )
         if background is not None:
-            self.background = background if self.background is None else self.background | background
-        painted = None if self.foreground is None else self.foreground > 0
-        if painted is not None and self.background is not None and (painted & self.background).any():
+            merged_background = background if merged_background is None else merged_background | background
+        painted = None if merged_foreground is None else merged_foreground > 0
+        if painted is not None and merged_background is not None and (painted & merged_background).any():
             raise RefinementError("some voxels are marked as both a label and background; erase one stroke")
+        self.foreground, self.background = merged_foreground, merged_background  # only once they are consistent
         best = np.full(self.image.shape, -1.0, np.float32)
         out = np.zeros(self.image.shape, np.uint8)
         for value, session in self.sessions.items():

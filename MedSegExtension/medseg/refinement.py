@@ -31,8 +31,9 @@ class RefineSummary:
     seconds: float
 
 
-def read_segmentation(path: Path, image: sitk.Image) -> tuple[np.ndarray, list[int]]:
-    """(probabilities (C, z, y, x), label values) from a labelmap, one probability map, or a vector image."""
+def read_segmentation(path: Path, image: sitk.Image) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """(probabilities (C, z, y, x), label values, labelmap before refinement) from a labelmap, one probability
+    map, or a vector image."""
     segmentation = io.read_any_image(path)
     try:
         check_same_grid(image, segmentation, "segmentation")
@@ -51,10 +52,19 @@ def read_segmentation(path: Path, image: sitk.Image) -> tuple[np.ndarray, list[i
         labels = sorted(int(v) for v in np.unique(array) if v > 0)
         if not labels:
             raise InputImageError(path, "the segmentation is empty: there is nothing to refine")
+        if labels[-1] > 255:
+            raise InputImageError(path, f"label values go up to {labels[-1]}; refinement supports 1 to 255")
         probabilities = probabilities_from_labelmap(array.astype(np.int32), labels, image.GetSpacing())
+        return _checked(probabilities, path), labels, array.astype(np.uint8)
+    if len(labels) > 255:
+        raise InputImageError(path, f"{len(labels)} classes; refinement supports up to 255 labels")
+    return _checked(probabilities, path), labels, np.argmax(probabilities, axis=0).astype(np.uint8)
+
+
+def _checked(probabilities: np.ndarray, path: Path) -> np.ndarray:
     if not np.isfinite(probabilities).all() or probabilities.min() < -1e-6 or probabilities.max() > 1 + 1e-6:
         raise InputImageError(path, "probabilities must be finite and lie in [0, 1]")
-    return probabilities, labels
+    return probabilities
 
 
 def _is_integral(array: np.ndarray) -> bool:
@@ -90,7 +100,7 @@ def refine_files(
     if output.resolve() in {p.resolve() for p in inputs}:
         raise OutputError(f"{output}: this would overwrite an input; choose another output name")
     image = io.read_image(image_path)
-    probabilities, labels = read_segmentation(Path(segmentation_path), image)
+    probabilities, labels, before = read_segmentation(Path(segmentation_path), image)
     foreground = None if seeds_fg is None else read_strokes(Path(seeds_fg), image).astype(np.int32)
     background = None if seeds_bg is None else read_strokes(Path(seeds_bg), image) != 0
     if foreground is not None:
@@ -101,7 +111,6 @@ def refine_files(
         both = int(np.count_nonzero((foreground > 0) & background))
         if both:
             raise InputImageError(seeds_fg, f"{both} voxel(s) are also background strokes in {seeds_bg}")
-    before = np.argmax(probabilities, axis=0)
     start = time.perf_counter()
     refined = refine_labelmap(
         sitk.GetArrayViewFromImage(image),

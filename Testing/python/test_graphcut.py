@@ -358,3 +358,19 @@ def test_default_refinement_does_not_lower_the_bundled_models_mean_dice(shared_d
     assert len(before[1]) == 48
     for value in (1, 2):
         assert np.mean(after[value]) >= np.mean(before[value]) + 0.001, value  # measured: +0.0021 and +0.0022
+
+
+def test_a_refused_stroke_leaves_the_refinement_usable_and_the_threshold_untouched():
+    from medseg.graphcut import LabelmapRefinement
+
+    image, probability, truth = noisy_case(5)
+    probabilities = np.stack([1 - probability, probability])
+    refinement = LabelmapRefinement(image, probabilities, spacing=SPACING, labels=[1])
+    stroke = np.zeros(truth.shape, np.int32)
+    stroke[12, 20, 20] = 1
+    first = refinement.refine(stroke, None)
+    with pytest.raises(RefinementError, match="both a label and background"):
+        refinement.refine(None, stroke > 0)  # erasing what was painted as the structure: refused ...
+    np.testing.assert_array_equal(refinement.refine(), first)  # ... and forgotten: the refinement goes on
+    session = refinement.sessions[1]
+    np.testing.assert_array_equal(session.threshold, probability >= 0.5)  # fixed voxels never leak into it

@@ -480,3 +480,23 @@ def test_the_same_volume_twice_is_refused_for_a_two_channel_model(tmp_path):
     with pytest.raises(MedSegError, match="a different volume for each channel"):
         MedSegLogic(scene).segment([volume, volume], model=str(folder), device="cpu")
     assert scene_state(scene) == before
+
+
+def test_the_same_stroke_given_to_another_segment_is_not_mixed_up_with_the_earlier_cut(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    logic = MedSegLogic(scene)
+    node = logic.segment(volume, device="cpu")
+    before = labelmap_of(node, volume)
+    inside = np.argwhere(before == 1)
+    voxel = tuple(inside[len(inside) // 2])
+    mask = np.zeros(before.shape, np.uint8)
+    mask[voxel] = 1
+    image = sitk.GetImageFromArray(mask)
+    image.CopyInformation(imageFromVolumeNode(volume))
+    node.GetSegmentation().AddEmptySegment("stroke", "stroke")
+    replaceSegmentsFromLabelmap(scene, node, image, ["stroke"])
+    logic.refine(node, volume, targetSegmentId="label_1", foregroundStrokeSegmentId="stroke")
+    assert labelmap_of(node, volume)[voxel] == 1
+    logic.refine(node, volume, targetSegmentId="label_2", foregroundStrokeSegmentId="stroke")
+    assert labelmap_of(node, volume)[voxel] == 2
