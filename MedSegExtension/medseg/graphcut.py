@@ -16,6 +16,13 @@ becomes graph nodes; each edge from the band to a fixed voxel becomes a terminal
 the band's cut minimises the same energy with the outside fixed. Wherever the full-volume cut leaves the outside
 voxels at their thresholded labels (the band assumption), both cuts are equal.
 
+Persistency: inside the band, a node whose own preference (its unary costs plus its edges to fixed voxels)
+outweighs all its edges to the other nodes keeps that label in some minimum cut, so it is fixed before the cut;
+fixing it may let its neighbours be fixed in the next round. This is exact, and it removes most band nodes.
+
+Strokes: a stroke outside the band widens the band by ``stroke_mm`` around it; one inside it widens nothing, so
+adding it re-solves the existing graph from its previous search trees (Kohli & Torr 2005).
+
 Arrays are numpy (z, y, x), as ``SimpleITK.GetArrayFromImage`` gives them; spacings are ITK's (x, y, z) in mm.
 The max-flow solver is PyMaxflow's Boykov-Kolmogorov implementation; everything else is vectorised numpy.
 """
@@ -58,7 +65,8 @@ class GraphCutOptions:
         band_mm: how far the band reaches beyond the uncertain region and the boundary (mm); None cuts the whole
             volume. 0 (the default) gave the full cut's result on the benchmarks and on the hippocampus cases.
         certainty: a probability below this or above ``1 - certainty`` counts as sure.
-        stroke_mm: how far around a stroke the graph reaches, so a stroke can move the boundary near it.
+        stroke_mm: how far around a stroke outside the band the graph reaches, so the stroke can move the
+            boundary near it.
         reduction_rounds: at most this many rounds of fixing persistent nodes before the cut (exact: fewer nodes,
             the same result); they stop early once a round would fix fewer than 0.5 % of the nodes.
     """
