@@ -95,7 +95,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
-        self._outputVolume = None  # the volume the output segmentation was made from
+        self._lastInputVolume = None  # to notice when the user picks another volume
         self._cudaDevices = None  # listed when the Advanced section first opens
 
     def setup(self):
@@ -260,11 +260,12 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         deviceIndex = self.ui.deviceComboBox.findData(self._parameterNode.device)
         if deviceIndex != self.ui.deviceComboBox.currentIndex:
             self.ui.deviceComboBox.setCurrentIndex(deviceIndex)
-        if self._parameterNode.inputVolume is not self._outputVolume and self._parameterNode.outputSegmentation:
+        if self._parameterNode.inputVolume is not self._lastInputVolume:
             # another volume: a new result instead of overwriting the previous volume's segmentation
-            self._outputVolume = self._parameterNode.inputVolume
-            self._parameterNode.outputSegmentation = None
-            return
+            self._lastInputVolume = self._parameterNode.inputVolume
+            if self._parameterNode.outputSegmentation is not None:
+                self._parameterNode.outputSegmentation = None
+                return
         entry = self.modelEntries.get(model)
         self.ui.modelInfoLabel.text = self.modelInfoHtml(entry)
         channels = entry.card.channels if entry is not None and entry.card is not None else []
@@ -352,7 +353,6 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
                 segmentationNode = self.logic.finishSegmentation(job)  # keeps the probabilities for Refine
                 self._parameterNode.outputSegmentation = segmentationNode
-                self._outputVolume = self._parameterNode.inputVolume
                 statistics = (job.result or {}).get("statistics", [])
                 seconds = sum((job.result or {}).get("seconds", {}).values())
                 volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in statistics)

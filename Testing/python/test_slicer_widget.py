@@ -1,0 +1,110 @@
+"""MedSeg.py's Module, Widget and Test classes, run against fakes of the Qt parts only (see fake_slicer_gui).
+
+The MRML scene, the nodes, the logic and the engine are real. This catches what static checks of MedSeg.py
+cannot: a wrong attribute, a broken Apply/Cancel/Refine flow, an error that does not reach the user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+pytestmark = [pytest.mark.slicer, pytest.mark.slow]
+
+import fake_slicer_gui  # noqa: E402
+from MedSegLib.selftest import SAMPLE_NODE_NAME, loadVolume, sampleFile  # noqa: E402
+
+
+@pytest.fixture
+def module(monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    recorder = fake_slicer_gui.install(monkeypatch, scene)
+    spec = importlib.util.spec_from_file_location("MedSeg", fake_slicer_gui.MODULE_DIR / "MedSeg.py")
+    medseg_module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "MedSeg", medseg_module)
+    spec.loader.exec_module(medseg_module)
+    return types.SimpleNamespace(module=medseg_module, scene=scene, recorder=recorder)
+
+
+def run_until_done(widget, timeout=120.0):
+    deadline = time.time() + timeout
+    while widget.timer.active:
+        assert time.time() < deadline, "the engine did not finish"
+        widget.timer.fire()
+        time.sleep(0.05)
+
+
+def test_module_registers_the_sample_and_the_widget_segments_refines_and_cancels(module):
+    medseg = module.module
+    parent = types.SimpleNamespace()
+    medseg.MedSeg(parent)
+    assert parent.title == "MedSeg" and "Segmentation" in parent.categories
+    medseg.registerSampleData()
+    (sample,) = module.recorder.sampleData
+    assert sample["uris"][0].startswith("file://") and sample["nodeNames"] == [SAMPLE_NODE_NAME]
+
+    volume = loadVolume(module.scene, sampleFile(), SAMPLE_NODE_NAME)
+    widget = medseg.MedSegWidget()
+    widget.setup()
+    ui = widget.ui
+    assert ui.modelComboBox.currentData == "hippocampus-mri" and "CC-BY-SA" in ui.modelInfoLabel.text
+    assert widget._parameterNode.inputVolume is volume  # the first volume is preselected
+    assert ui.applyButton.enabled and not ui.inputVolumeSelector2.visible  # one channel: one selector
+    widget._parameterNode.device = "cpu"
+
+    widget.onApplyButton()
+    assert ui.applyButton.text == "Cancel" and ui.progressBar.visible
+    run_until_done(widget)
+    assert module.recorder.errors == []
+    assert ui.applyButton.text == "Apply" and ui.statusLabel.text.startswith("Done in")
+    output = widget._parameterNode.outputSegmentation
+    assert output is not None and output.GetSegmentation().GetNumberOfSegments() == 2
+    assert ui.refineButton.enabled and [d for _, d in ui.refineTargetComboBox.items] == ["label_1", "label_2"]
+
+    widget.onRefineButton()
+    assert module.recorder.errors == []
+    assert ui.refineStatusLabel.text == "Refined 2 segment(s) from the model's probabilities."
+
+    before = module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    widget._parameterNode.outputSegmentation = None
+    widget.onApplyButton()
+    widget.onApplyButton()  # the button reads Cancel now
+    assert not widget.timer.active and ui.statusLabel.text.startswith("Cancelled")
+    assert module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled
+    widget.cleanup()
+
+
+def test_an_engine_error_reaches_the_user_and_the_scene_stays(module, tmp_path):
+    medseg = module.module
+    image = sitk.Cast(sitk.ReadImage(str(sampleFile())), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[1, 2, 3] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(tmp_path / "broken.nrrd"))
+    loadVolume(module.scene, tmp_path / "broken.nrrd", "Broken")
+    widget = medseg.MedSegWidget()
+    widget.setup()
+    widget._parameterNode.device = "cpu"
+    nodes = module.scene.GetNumberOfNodes()
+    widget.onApplyButton()
+    run_until_done(widget)
+    assert len(module.recorder.errors) == 1 and 'volume "Broken"' in module.recorder.errors[0]
+    assert "NaN" in module.recorder.errors[0] and widget.ui.statusLabel.text.startswith("Failed")
+    assert module.scene.GetNumberOfNodes() == nodes and widget.ui.applyButton.text == "Apply"
+    widget.cleanup()
+
+
+def test_the_modules_own_self_test_runs(module):
+    medseg = module.module
+    test = medseg.MedSegTest()
+    test.runTest()  # segments the bundled sample twice, checks names, volumes and the in-place update
+    assert module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
