@@ -97,6 +97,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self._lastInputVolume = None  # to notice when the user picks another volume
         self._cudaDevices = None  # listed when the Advanced section first opens
+        self._observedSegmentation = None  # the output segmentation whose segments the Refine section lists
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -121,7 +122,6 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
         self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedExpanded)
         self.ui.refineCollapsibleButton.connect("contentsCollapsed(bool)", lambda collapsed: self.updateRefineSection())
-        self._observedSegmentation = None
 
         self.populateModels()
         self.populateDevices()
