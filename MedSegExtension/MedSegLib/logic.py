@@ -429,7 +429,7 @@ class MedSegLogic:
             else:
                 probabilities = probabilities_from_labelmap(current, values, image.GetSpacing())
             refinement = LabelmapRefinement(
-                sitk.GetArrayViewFromImage(image),
+                sitk.GetArrayFromImage(image),  # a copy: the refinement outlives this image
                 probabilities,
                 spacing=image.GetSpacing(),
                 labels=values,

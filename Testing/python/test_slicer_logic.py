@@ -421,6 +421,27 @@ def test_refine_honours_stroke_segments_and_reuses_the_cut(tmp_path):
     )  # the same strokes again: the kept cut answers, nothing is rebuilt
     assert logic._refinements[node.GetID()] is state
     assert [s.rebuilds for s in state.refinement.sessions.values()] == sessions_built
+    # paint one more voxel into the foreground stroke: the kept cut goes on from where it was
+    more = np.argwhere((after == 0) & (before == 0))[-1]
+    stroke_fg[tuple(more)] = 1
+    image = sitk.GetImageFromArray(stroke_fg)
+    image.CopyInformation(imageFromVolumeNode(volume))
+    replaceSegmentsFromLabelmap(scene, node, image, ["fg stroke"])
+    import gc
+
+    gc.collect()  # the volume's image from the first call is long gone: the kept cut must not depend on it
+    logic.refine(
+        node,
+        volume,
+        targetSegmentId="label_1",
+        foregroundStrokeSegmentId="fg stroke",
+        backgroundStrokeSegmentId="bg stroke",
+    )
+    assert logic._refinements[node.GetID()] is state
+    again = labelmap_of(node, volume)
+    assert again[tuple(more)] == 1 and again[tuple(far)] == 1
+    changed = (again != after).sum()
+    assert 1 <= changed < 0.01 * (after > 0).sum()  # the new stroke, and little else
 
 
 def test_refine_without_kept_probabilities_uses_the_segmentation_itself(tmp_path):
