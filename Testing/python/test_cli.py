@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,23 @@ def test_progress_json_reports_stages_in_order_then_the_result(tmp_path, scan, t
     assert result["event"] == "result" and result["output"] == str(out_path.resolve())
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out_path)))
     assert [s["voxels"] for s in result["statistics"]] == [int((labels == v).sum()) for v in (1, 2)]
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_every_variant_and_reports_ratios(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--shape", "48", "48", "32", "--roi", "32", "32", "32", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    variants = {row["variant"]: row for row in rows if "variant" in row}
+    assert set(variants) == {"monai", "tutorial", "medseg"}, rows
+    assert all(row["network_seconds"] > 0 for row in variants.values())
+    summary = rows[-1]
+    assert summary["speedup_vs_monai"] > 0 and summary["end_to_end_speedup_vs_tutorial"] > 0
+    assert summary["agreement_network_vs_monai"] is not None and summary["agreement_labelmap_vs_tutorial"] is not None
