@@ -3,6 +3,8 @@
 python benchmarks/inference.py --device cpu --model unet --classes 2 --shape 256 256 160
 python benchmarks/inference.py --device cpu --model hippocampus-mri --shape path/to/image.nii.gz
 
+The tutorial-style baseline reads NIfTI with nibabel, as MONAI does by default (``pip install -e .[bench]``).
+
 Variants, each in its own child process (so ``peak_rss_MiB`` / ``peak_gpu_MiB`` is its own), timed as the median of
 ``--repeats`` runs after a warm-up:
 

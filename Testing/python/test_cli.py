@@ -244,6 +244,7 @@ def test_inference_benchmark_runs_every_variant_and_reports_ratios(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert not [row for row in rows if "error" in row], rows
     variants = {row["variant"]: row for row in rows if "variant" in row}
     assert set(variants) == {"monai", "tutorial", "medseg"}, rows
     assert all(row["network_seconds"] > 0 for row in variants.values())
