@@ -37,24 +37,11 @@ sys.path.insert(0, str(REPO / "MedSegExtension"))
 
 from medseg.graphcut import RefinementSession, refine_full_volume  # noqa: E402
 from medseg.metrics import overlap_metrics  # noqa: E402
+from memory import status_mib  # noqa: E402  (benchmarks/memory.py)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return overlap_metrics(a, b)[0]
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm", encoding="utf-8") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    """This process's resident high-water mark (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:
@@ -106,7 +93,7 @@ def run_method(work: Path, case: str, method: str, spacing, repeats: int) -> dic
     image = np.load(work / "image.npy")
     probability = np.load(work / f"{case}_probability.npy")
     mask = np.load(work / f"{case}_mask.npy")
-    before = rss_mib()
+    before = status_mib("VmRSS")
     times, extra = [], {}
     runs = {"full": 3, "growcut": 2}.get(method, repeats + 1)
     for _ in range(runs):
@@ -135,7 +122,7 @@ def run_method(work: Path, case: str, method: str, spacing, repeats: int) -> dic
     return {
         "seconds": round(float(np.median(measured)), 4),
         "runs": len(measured),
-        "peak_MiB": round(peak_rss_mib() - before, 1),
+        "peak_MiB": round(status_mib("VmHWM") - before, 1),
         **extra,
     }
 

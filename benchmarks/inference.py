@@ -45,6 +45,8 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedSegExtension"))
 
+from memory import status_mib  # noqa: E402  (benchmarks/memory.py)
+
 UNTRAINED = {
     "unet": ("UNet", {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2}),
     "segresnet": ("SegResNet", {"init_filters": 16}),
@@ -58,22 +60,6 @@ UNTRAINED = {
         },
     ),
 }
-
-
-def peak_mib() -> float:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def synthetic_ct(shape, path: Path) -> Path:
@@ -268,7 +254,7 @@ def child(args) -> None:
 
     torch.manual_seed(0)
     work = Path(args.work)
-    before = rss_mib()
+    before = status_mib("VmRSS")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runner = {"monai": run_monai, "medseg": run_medseg, "tutorial": run_tutorial}[args.variant]
@@ -276,7 +262,7 @@ def child(args) -> None:
     row = {"variant": args.variant, **row}
     if args.device.startswith("cuda"):
         row["peak_gpu_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    row["peak_rss_MiB"] = round(peak_mib() - before, 1)
+    row["peak_rss_MiB"] = round(status_mib("VmHWM") - before, 1)
     print(json.dumps(row))
 
 

@@ -32,7 +32,7 @@ from medseg.models.registry import ModelEntry, find_model_folder, list_models
 
 from .engineprocess import EngineProcess, defaultPythonExecutable
 from .nodes import arrayFromVtkMatrix, imageFromVolumeNode
-from .segmentationio import replaceSegmentsFromLabelmap, updateSegmentationFromLabelmap
+from .segmentationio import exportSegmentsToArray, replaceSegmentsFromLabelmap, updateSegmentationFromLabelmap
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class MedSegLogic:
             raise MedSegError(f'segmentation "{segmentationNode.GetName()}" has no segment to refine')
         values = list(range(1, len(segmentIds) + 1))  # segments in order are labels 1..N
         image = imageFromVolumeNode(inputVolume)
-        current = _exportSegments(segmentationNode, segmentIds, inputVolume)
+        current = exportSegmentsToArray(segmentationNode, segmentIds, inputVolume)
         foreground = background = None
         if foregroundStrokeSegmentId is not None:
             if targetSegmentId is None:
@@ -565,37 +565,11 @@ def _refinableSegments(segmentation, strokeIds: set[str]) -> list[str]:
     return model if model else [i for i in ids if i not in strokeIds]
 
 
-def _exportSegments(segmentationNode, segmentIds: list[str], referenceVolume) -> np.ndarray:
-    """The segments as one (z, y, x) labelmap on the volume's grid, values 1..N in ``segmentIds`` order."""
-    scene = segmentationNode.GetScene()
-    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-    try:
-        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_export")
-        ids = vtk.vtkStringArray()
-        for segmentId in segmentIds:
-            ids.InsertNextValue(segmentId)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentationNode, ids, labelmapNode, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-        )
-        if not ok:
-            raise MedSegError(f'Slicer could not export the segments of "{segmentationNode.GetName()}"')
-        return sitk.GetArrayFromImage(imageFromVolumeNode(labelmapNode)).astype(np.uint8)
-    finally:
-        removeNodesAddedSince(scene, existing)
-
-
-def removeNodesAddedSince(scene, existing: set[str]) -> None:
-    """Remove every node the scene gained since ``existing`` (the exporter adds display and colour nodes)."""
-    added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-    for node in [n for n in added if n.GetID() not in existing]:
-        scene.RemoveNode(node)
-
-
 def _exportStroke(segmentationNode, segmentId: str, referenceVolume) -> np.ndarray:
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     if segment is None:
         raise MedSegError(f'segmentation "{segmentationNode.GetName()}" has no stroke segment "{segmentId}"')
-    painted = _exportSegments(segmentationNode, [segmentId], referenceVolume) > 0
+    painted = exportSegmentsToArray(segmentationNode, [segmentId], referenceVolume) > 0
     if not painted.any():
         raise MedSegError(f'the stroke segment "{segment.GetName()}" is empty: paint at least one voxel in it')
     return painted

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
+from medseg.errors import MedSegError
 from medseg.io import atomic_output
 
 from .nodes import imageFromVolumeNode, setVolumeNodeFromImage
@@ -82,7 +83,7 @@ def updateSegmentationFromLabelmap(scene, segmentationNode, labelmap: sitk.Image
     """
     registerConverterRules()
     segmentation = segmentationNode.GetSegmentation()
-    segmentIds = vtk.vtkStringArray()
+    segmentIds = []
     for label in labels:
         segmentId = segmentIdForLabel(label)
         if segmentation.GetSegment(segmentId) is None:
@@ -95,20 +96,30 @@ def updateSegmentationFromLabelmap(scene, segmentationNode, labelmap: sitk.Image
         terminology = terminologyString(label)
         if terminology:
             segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
-        segmentIds.InsertNextValue(segmentId)
+        segmentIds.append(segmentId)
+    _importLabelmap(scene, segmentationNode, labelmap, segmentIds, setReferenceGeometry=True)
+    return segmentIds
+
+
+def _importLabelmap(
+    scene, segmentationNode, labelmap: sitk.Image, segmentIds: Sequence[str], *, setReferenceGeometry=False
+):
+    """Slicer's importer through a temporary labelmap node: label value k goes to ``segmentIds[k - 1]``."""
+    ids = vtk.vtkStringArray()
+    for segmentId in segmentIds:
+        ids.InsertNextValue(segmentId)
     labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_import")
     try:
         setVolumeNodeFromImage(labelmapNode, sitk.Cast(labelmap, sitk.sitkUInt8))
-        # Label value v goes to the v-th id of the array (value 1 → first id), as Slicer's importer maps them.
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-            labelmapNode, segmentationNode, segmentIds
+            labelmapNode, segmentationNode, ids
         )
         if not ok:
             raise RuntimeError("Slicer could not import the labelmap into the segmentation")
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(labelmapNode)
+        if setReferenceGeometry:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(labelmapNode)
     finally:
         scene.RemoveNode(labelmapNode)
-    return [segmentIds.GetValue(i) for i in range(segmentIds.GetNumberOfValues())]
 
 
 def replaceSegmentsFromLabelmap(scene, segmentationNode, labelmap: sitk.Image, segmentIds: Sequence[str]) -> None:
@@ -120,22 +131,40 @@ def replaceSegmentsFromLabelmap(scene, segmentationNode, labelmap: sitk.Image, s
     registerConverterRules()
     backup = slicer.vtkSegmentation()
     backup.DeepCopy(segmentationNode.GetSegmentation())
-    ids = vtk.vtkStringArray()
-    for segmentId in segmentIds:
-        ids.InsertNextValue(segmentId)
-    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_import")
     try:
-        setVolumeNodeFromImage(labelmapNode, sitk.Cast(labelmap, sitk.sitkUInt8))
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-            labelmapNode, segmentationNode, ids
-        )
-        if not ok:
-            raise RuntimeError("Slicer could not import the refined labelmap into the segmentation")
+        _importLabelmap(scene, segmentationNode, labelmap, segmentIds)
     except BaseException:
         segmentationNode.GetSegmentation().DeepCopy(backup)
         raise
+
+
+def exportSegmentsToArray(segmentationNode, segmentIds: Sequence[str], referenceVolume) -> np.ndarray:
+    """The segments as one (z, y, x) uint8 labelmap on the volume's grid, values 1..N in ``segmentIds`` order.
+
+    Nodes the exporter adds to the scene (labelmap, display and colour nodes) are removed again.
+    """
+    scene = segmentationNode.GetScene()
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_export")
+        ids = vtk.vtkStringArray()
+        for segmentId in segmentIds:
+            ids.InsertNextValue(segmentId)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmapNode, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        )
+        if not ok:
+            raise MedSegError(f'Slicer could not export the segments of "{segmentationNode.GetName()}"')
+        return sitk.GetArrayFromImage(imageFromVolumeNode(labelmapNode)).astype(np.uint8)
     finally:
-        scene.RemoveNode(labelmapNode)
+        removeNodesAddedSince(scene, existing)
+
+
+def removeNodesAddedSince(scene, existing: set[str]) -> None:
+    """Remove every node the scene gained since ``existing`` (the exporter adds display and colour nodes)."""
+    added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    for node in [n for n in added if n.GetID() not in existing]:
+        scene.RemoveNode(node)
 
 
 def writeSegNrrd(labelmap: sitk.Image, card, path: str | os.PathLike[str]) -> Path:

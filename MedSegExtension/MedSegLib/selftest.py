@@ -10,11 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import slicer
-import vtk
-from vtk.util import numpy_support
 
-from .logic import removeNodesAddedSince
+from .segmentationio import exportSegmentsToArray
 
 SAMPLE_FILE = "hippocampus-mni152-t1.nii.gz"
 SAMPLE_NODE_NAME = "MedSegHippocampusT1"
@@ -46,25 +43,13 @@ def loadVolume(scene, path: Path, name: str):
 
 def segmentVolumesMl(segmentationNode, referenceVolume) -> dict[str, float]:
     """Volume (mL) of every segment, counted on the reference volume's grid by Slicer's exporter."""
-    scene = segmentationNode.GetScene()
     segmentation = segmentationNode.GetSegmentation()
+    voxelMl = float(np.prod(referenceVolume.GetSpacing())) / 1000
     volumes = {}
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
-        existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        try:
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
-            slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentationNode, ids, labelmap, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-            )
-            voxels = np.count_nonzero(numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()))
-            volumes[segmentation.GetSegment(segmentId).GetName()] = (
-                voxels * float(np.prod(labelmap.GetSpacing())) / 1000
-            )
-        finally:
-            removeNodesAddedSince(scene, existing)
+        voxels = np.count_nonzero(exportSegmentsToArray(segmentationNode, [segmentId], referenceVolume))
+        volumes[segmentation.GetSegment(segmentId).GetName()] = voxels * voxelMl
     return volumes
 
 

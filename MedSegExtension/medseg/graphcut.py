@@ -38,7 +38,6 @@ from functools import partial
 
 import maxflow
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import MedSegError
@@ -729,23 +728,7 @@ def refine_full_volume(
     return ~graph.get_grid_segments(nodes)
 
 
-# Images ---------------------------------------------------------------------------------------------------------
-
-
-def check_same_grid(reference: sitk.Image, other: sitk.Image, what: str) -> None:
-    """Refuse ``other`` unless it has ``reference``'s size, spacing, origin and direction."""
-    if other.GetSize() != reference.GetSize():
-        size = "x".join(map(str, other.GetSize()))
-        raise RefinementError(
-            f"the {what} are {size} voxels but the image is {'x'.join(map(str, reference.GetSize()))}"
-        )
-    for name, a, b in (
-        ("spacing", other.GetSpacing(), reference.GetSpacing()),
-        ("origin", other.GetOrigin(), reference.GetOrigin()),
-        ("direction", other.GetDirection(), reference.GetDirection()),
-    ):
-        if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
-            raise RefinementError(f"the {what} have another {name} than the image: {tuple(a)} instead of {tuple(b)}")
+# Several labels --------------------------------------------------------------------------------------------------
 
 
 def probabilities_from_labelmap(labelmap: np.ndarray, labels: Sequence[int], spacing: Sequence[float]) -> np.ndarray:

@@ -242,6 +242,19 @@ def check_output_path(path: str | Path, *, suffixes: Sequence[str] = WRITABLE_SU
     return path
 
 
+def refuse_overwriting_inputs(inputs: Sequence[str | Path], outputs: Sequence[Path]) -> None:
+    """Inputs are never modified: refuse an output path that is one of the inputs, or two outputs that collide."""
+    resolved_inputs = {Path(p).resolve() for p in inputs}
+    seen: set[Path] = set()
+    for output in outputs:
+        target = output.resolve()
+        if target in resolved_inputs or any(parent in resolved_inputs for parent in target.parents):
+            raise OutputError(f"{output}: this would overwrite an input; choose another output name")
+        if target in seen:
+            raise OutputError(f"{output}: the labelmap and the probabilities cannot be written to one file")
+        seen.add(target)
+
+
 def default_file_mode() -> int:
     """The mode a newly created file gets under the current umask (mkstemp makes files private)."""
     mask = os.umask(0o022)

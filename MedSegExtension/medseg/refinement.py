@@ -15,14 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import io
-from .errors import InputImageError, OutputError
-from .graphcut import (
-    GraphCutOptions,
-    RefinementError,
-    check_same_grid,
-    probabilities_from_labelmap,
-    refine_labelmap,
-)
+from .errors import InputImageError
+from .graphcut import GraphCutOptions, probabilities_from_labelmap, refine_labelmap
 
 
 @dataclass
@@ -35,10 +29,7 @@ def read_segmentation(path: Path, image: sitk.Image) -> tuple[np.ndarray, list[i
     """(probabilities (C, z, y, x), label values, labelmap before refinement) from a labelmap, one probability
     map, or a vector image."""
     segmentation = io.read_any_image(path)
-    try:
-        check_same_grid(image, segmentation, "segmentation")
-    except RefinementError as exc:
-        raise InputImageError(path, str(exc)) from None
+    _check_grid(image, segmentation, path)
     array = sitk.GetArrayFromImage(segmentation)
     if segmentation.GetNumberOfComponentsPerPixel() > 1:
         probabilities = np.moveaxis(array, -1, 0).astype(np.float32)
@@ -67,16 +58,19 @@ def _checked(probabilities: np.ndarray, path: Path) -> np.ndarray:
     return probabilities
 
 
+def _check_grid(image: sitk.Image, other: sitk.Image, path: Path) -> None:
+    mismatch = io.grid_mismatch(image, other)
+    if mismatch is not None:
+        raise InputImageError(path, f"not on the image's voxel grid: {mismatch}")
+
+
 def _is_integral(array: np.ndarray) -> bool:
     return array.dtype.kind in "iub" or bool(np.all(np.mod(array[np.isfinite(array)], 1) == 0))
 
 
 def read_strokes(path: Path, image: sitk.Image) -> np.ndarray:
     strokes = io.read_any_image(path)
-    try:
-        check_same_grid(image, strokes, "strokes")
-    except RefinementError as exc:
-        raise InputImageError(path, str(exc)) from None
+    _check_grid(image, strokes, path)
     if strokes.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(path, "a stroke mask must have one value per voxel")
     array = sitk.GetArrayFromImage(strokes)
@@ -96,9 +90,9 @@ def refine_files(
 ) -> RefineSummary:
     """Refine a segmentation file with its image (and strokes) and write the labelmap; nothing is written on error."""
     output = io.check_output_path(output)
-    inputs = [Path(p) for p in (image_path, segmentation_path, seeds_fg, seeds_bg) if p is not None]
-    if output.resolve() in {p.resolve() for p in inputs}:
-        raise OutputError(f"{output}: this would overwrite an input; choose another output name")
+    io.refuse_overwriting_inputs(
+        [p for p in (image_path, segmentation_path, seeds_fg, seeds_bg) if p is not None], [output]
+    )
     image = io.read_image(image_path)
     probabilities, labels, before = read_segmentation(Path(segmentation_path), image)
     foreground = None if seeds_fg is None else read_strokes(Path(seeds_fg), image).astype(np.int32)

@@ -175,7 +175,7 @@ class Segmenter:
         io.check_output_path(output, suffixes=(*io.WRITABLE_SUFFIXES, ".seg.nrrd"))
         if probabilities is not None:
             io.check_output_path(probabilities)
-        _refuse_overwriting_inputs(inputs, [output] + ([Path(probabilities)] if probabilities is not None else []))
+        io.refuse_overwriting_inputs(inputs, [output] + ([Path(probabilities)] if probabilities is not None else []))
         if is_seg_nrrd:
             writer = seg_nrrd_writer()
         control = control or RunControl()
@@ -224,19 +224,6 @@ def _refined_labels(image: sitk.Image, probabilities_xyz, labels: Sequence[int],
         options=options,
     )
     return refined.transpose(2, 1, 0)
-
-
-def _refuse_overwriting_inputs(inputs: Sequence[str | Path], outputs: Sequence[Path]) -> None:
-    """Inputs are never modified: refuse an output path that is one of the inputs, or two outputs that collide."""
-    resolved_inputs = {Path(p).resolve() for p in inputs}
-    seen: set[Path] = set()
-    for output in outputs:
-        target = output.resolve()
-        if target in resolved_inputs or any(parent in resolved_inputs for parent in target.parents):
-            raise io.OutputError(f"{output}: this would overwrite an input; choose another output name")
-        if target in seen:
-            raise io.OutputError(f"{output}: the labelmap and the probabilities cannot be written to one file")
-        seen.add(target)
 
 
 def seg_nrrd_writer():

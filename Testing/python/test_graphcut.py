@@ -285,7 +285,7 @@ def test_refine_command_takes_a_labelmap_and_strokes(tmp_path, case_files, capsy
 @pytest.mark.parametrize(
     "make, message",
     [
-        ("shifted", "another origin"),
+        ("shifted", "origin (0.0, 0.0, 0.0) instead of (10.0, -20.0, 5.0)"),
         ("empty_strokes", "stroke mask is empty"),
         ("both", "also background strokes"),
         ("unknown_label", "are not labels of the segmentation"),
@@ -374,3 +374,11 @@ def test_a_refused_stroke_leaves_the_refinement_usable_and_the_threshold_untouch
     np.testing.assert_array_equal(refinement.refine(), first)  # ... and forgotten: the refinement goes on
     session = refinement.sessions[1]
     np.testing.assert_array_equal(session.threshold, probability >= 0.5)  # fixed voxels never leak into it
+
+
+def test_refine_command_never_overwrites_its_inputs(case_files, capsys):
+    labelmap = case_files["labelmap"]
+    before = labelmap.read_bytes()
+    code, _, err = run(["refine", case_files["image"], labelmap, "-o", labelmap], capsys)
+    assert code == 1 and "would overwrite an input" in err and str(labelmap) in err
+    assert labelmap.read_bytes() == before

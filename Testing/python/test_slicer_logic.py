@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slicer, pytest.mark.slow]
 import vtk  # noqa: E402
 from MedSegLib.logic import MedSegLogic, overallProgress, roiVoxelBox  # noqa: E402
 from MedSegLib.nodes import arrayFromVtkMatrix, imageFromVolumeNode, vtkMatrixFromArray  # noqa: E402
-from MedSegLib.segmentationio import replaceSegmentsFromLabelmap  # noqa: E402
+from MedSegLib.segmentationio import exportSegmentsToArray, replaceSegmentsFromLabelmap  # noqa: E402
 from MedSegLib.selftest import EXPECTED_VOLUMES_ML, loadVolume, runSampleCheck, sampleFile  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
@@ -356,10 +356,17 @@ def test_progress_reaches_every_stage_and_the_overall_fraction_only_grows(tmp_pa
 
 
 def labelmap_of(node, volume, count=2) -> np.ndarray:
-    from MedSegLib.logic import _exportSegments
-
     ids = [node.GetSegmentation().GetNthSegmentID(i) for i in range(count)]
-    return _exportSegments(node, ids, volume)
+    return exportSegmentsToArray(node, ids, volume)
+
+
+def paint(node, volume, name: str, mask: np.ndarray) -> None:
+    """Put a (z, y, x) mask on the volume's grid into segment ``name``, as the Segment Editor would paint it."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.CopyInformation(imageFromVolumeNode(volume))
+    if node.GetSegmentation().GetSegment(name) is None:
+        node.GetSegmentation().AddEmptySegment(name, name)
+    replaceSegmentsFromLabelmap(node.GetScene(), node, image, [name])
 
 
 def test_refine_uses_the_kept_probabilities_and_replaces_segments_in_place(tmp_path, segmenter):
@@ -396,11 +403,8 @@ def test_refine_honours_stroke_segments_and_reuses_the_cut(tmp_path):
     stroke_fg[tuple(far)] = 1
     stroke_bg = np.zeros(before.shape, np.uint8)
     stroke_bg[tuple(inside[len(inside) // 2])] = 1
-    for name, mask in (("fg stroke", stroke_fg), ("bg stroke", stroke_bg)):
-        image = sitk.GetImageFromArray(mask)
-        image.CopyInformation(imageFromVolumeNode(volume))
-        node.GetSegmentation().AddEmptySegment(name, name)
-        replaceSegmentsFromLabelmap(scene, node, image, [name])
+    paint(node, volume, "fg stroke", stroke_fg)
+    paint(node, volume, "bg stroke", stroke_bg)
     logic.refine(
         node,
         volume,
@@ -424,9 +428,7 @@ def test_refine_honours_stroke_segments_and_reuses_the_cut(tmp_path):
     # paint one more voxel into the foreground stroke: the kept cut goes on from where it was
     more = np.argwhere((after == 0) & (before == 0))[-1]
     stroke_fg[tuple(more)] = 1
-    image = sitk.GetImageFromArray(stroke_fg)
-    image.CopyInformation(imageFromVolumeNode(volume))
-    replaceSegmentsFromLabelmap(scene, node, image, ["fg stroke"])
+    paint(node, volume, "fg stroke", stroke_fg)
     import gc
 
     gc.collect()  # the volume's image from the first call is long gone: the kept cut must not depend on it
@@ -513,10 +515,7 @@ def test_the_same_stroke_given_to_another_segment_is_not_mixed_up_with_the_earli
     voxel = tuple(inside[len(inside) // 2])
     mask = np.zeros(before.shape, np.uint8)
     mask[voxel] = 1
-    image = sitk.GetImageFromArray(mask)
-    image.CopyInformation(imageFromVolumeNode(volume))
-    node.GetSegmentation().AddEmptySegment("stroke", "stroke")
-    replaceSegmentsFromLabelmap(scene, node, image, ["stroke"])
+    paint(node, volume, "stroke", mask)
     logic.refine(node, volume, targetSegmentId="label_1", foregroundStrokeSegmentId="stroke")
     assert labelmap_of(node, volume)[voxel] == 1
     logic.refine(node, volume, targetSegmentId="label_2", foregroundStrokeSegmentId="stroke")
