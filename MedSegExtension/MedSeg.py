@@ -84,6 +84,9 @@ class MedSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     model: str = ""  #: a model id, or the path of a model folder the user added
     device: str = "auto"
+    preview: bool = False  #: fast, lower-resolution preview, marked as such
+    fullPrecision: bool = False  #: float32 only, never the verified bf16/fp16 of the default
+    testTimeAugmentation: bool = False  #: mirror each window 8 ways
     refineSmoothness: float = 1.0
 
 
@@ -331,6 +334,9 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 roi=self._parameterNode.roi,
                 device=self._parameterNode.device,
                 outputSegmentation=self._parameterNode.outputSegmentation,
+                preview=self._parameterNode.preview,
+                precision="fp32" if self._parameterNode.fullPrecision else "auto",
+                testTimeAugmentation=self._parameterNode.testTimeAugmentation,
             )
             self.setRunning(True)
             self.timer.start()
@@ -357,7 +363,9 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 seconds = sum((job.result or {}).get("seconds", {}).values())
                 volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in statistics)
                 device = (job.result or {}).get("device", "?")
-                self.ui.statusLabel.text = f"Done in {seconds:.1f} s on {device}: {volumes}"
+                precision = (job.result or {}).get("precision", "")
+                preview = "PREVIEW (quick look, not for measurement). " if job.preview else ""
+                self.ui.statusLabel.text = f"{preview}Done in {seconds:.1f} s on {device} ({precision}): {volumes}"
         except Exception:
             self.ui.statusLabel.text = "Failed; the scene was not changed."  # the message box said why
         finally:

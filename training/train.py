@@ -144,13 +144,14 @@ def _batches(cases: list[PreparedCase], config: TrainConfig, rng: np.random.Gene
 
 
 def _validate(network, cases, card, device) -> dict[int, float]:
-    from medseg.inference import sliding_window_probabilities
+    from medseg.inference import InferenceOptions, sliding_window_probabilities
 
     network.eval()
+    exact = InferenceOptions(precision="fp32")  # validation scores must not depend on a precision trial
     values = [label.value for label in card.labels]
     scores = {v: [] for v in values}
     for case in cases:
-        probabilities = sliding_window_probabilities(network, case.volume, card.inference, device=device)
+        probabilities = sliding_window_probabilities(network, case.volume, card.inference, device=device, options=exact)
         for v, d in dice_per_label(np.argmax(probabilities, 0), case.label, values).items():
             scores[v].append(d)
     network.train()

@@ -127,8 +127,11 @@ class SegmentationJob:
         outputSegmentation,
         pythonExecutable: str | None = None,
         keepProbabilities: bool = False,
+        engineOptions: Sequence[str] = (),
+        preview: bool = False,
     ) -> None:
         self.scene = scene
+        self.preview = preview  #: a lower-resolution preview: node and segment names say so
         self.probabilities: np.ndarray | None = None  #: (C, z, y, x) float16 on the input grid, after finish()
         self.inputVolumes = list(inputVolumes)
         self.card = card
@@ -149,6 +152,7 @@ class SegmentationJob:
             if self.probabilitiesPath is not None:
                 arguments += ["--probabilities", str(self.probabilitiesPath)]
             arguments += roiBox.engineArguments() if roiBox is not None else []
+            arguments += list(engineOptions)
             self.process = EngineProcess(arguments, pythonExecutable=pythonExecutable)
         except BaseException:
             self._cleanUp()
@@ -214,14 +218,16 @@ class SegmentationJob:
         volume = self.inputVolumes[0]
         created = self.outputSegmentation is None
         if created:
-            name = self.scene.GenerateUniqueName(f"{volume.GetName()} segmentation ({self.card.id})")
+            kind = "preview" if self.preview else "segmentation"
+            name = self.scene.GenerateUniqueName(f"{volume.GetName()} {kind} ({self.card.id})")
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         else:
             node = self.outputSegmentation
             backup = slicer.vtkSegmentation()
             backup.DeepCopy(node.GetSegmentation())
         try:
-            updateSegmentationFromLabelmap(self.scene, node, labelmap, self.card.labels)
+            suffix = " (preview)" if self.preview else ""
+            updateSegmentationFromLabelmap(self.scene, node, labelmap, self.card.labels, nameSuffix=suffix)
             node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
             _showSegmentation(node)
@@ -265,6 +271,17 @@ def _placeBeside(scene, node, volume) -> None:
 
 
 ProgressCallback = Callable[[str, float], None]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # the engine's (medseg.inference.PRECISIONS; no torch import here)
+
+
+def _engineOptions(preview: bool, precision: str, testTimeAugmentation: bool) -> list[str]:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    options = ["--precision", precision]
+    options += ["--preview"] if preview else []
+    options += ["--tta"] if testTimeAugmentation else []
+    return options
 
 
 class MedSegLogic:
@@ -338,8 +355,16 @@ class MedSegLogic:
         roi=None,
         device: str = "auto",
         outputSegmentation=None,
+        preview: bool = False,
+        precision: str = "auto",
+        testTimeAugmentation: bool = False,
     ) -> SegmentationJob:
-        """Check the inputs and start the engine; returns at once with a running :class:`SegmentationJob`."""
+        """Check the inputs and start the engine; returns at once with a running :class:`SegmentationJob`.
+
+        ``preview`` runs at half the model's resolution (faster, coarser; the segments' names say "preview");
+        ``precision`` is the engine's (``auto``, ``fp32``, ``bf16``, ``fp16``); ``testTimeAugmentation`` mirrors
+        each window 8 ways.
+        """
         volumes = [inputVolumes] if not isinstance(inputVolumes, (list, tuple)) else list(inputVolumes)
         folder, card = self.resolveModel(model)
         self._checkInputs(volumes, card)
@@ -356,6 +381,8 @@ class MedSegLogic:
             outputSegmentation=outputSegmentation,
             pythonExecutable=self.pythonExecutable,
             keepProbabilities=keep,
+            engineOptions=_engineOptions(preview, precision, testTimeAugmentation),
+            preview=preview,
         )
 
     def finishSegmentation(self, job: SegmentationJob):
@@ -471,6 +498,9 @@ class MedSegLogic:
         outputSegmentation=None,
         progress: ProgressCallback | None = None,
         cancelEvent: threading.Event | None = None,
+        preview: bool = False,
+        precision: str = "auto",
+        testTimeAugmentation: bool = False,
     ):
         """Segment and wait: returns the segmentation node (``outputSegmentation`` updated, or a new one).
 
@@ -482,12 +512,20 @@ class MedSegLogic:
             outputSegmentation: a segmentation node to update in place, or None to create one.
             progress: ``progress(stage, fraction)``, called from this thread.
             cancelEvent: set it (from another thread) to cancel; then :class:`CancelledError` is raised.
+            preview, precision, testTimeAugmentation: see :meth:`startSegmentation`.
 
         Raises:
             MedSegError: bad input, an unknown model or a failure of the engine; the scene is unchanged.
         """
         job = self.startSegmentation(
-            inputVolumes, model=model, roi=roi, device=device, outputSegmentation=outputSegmentation
+            inputVolumes,
+            model=model,
+            roi=roi,
+            device=device,
+            outputSegmentation=outputSegmentation,
+            preview=preview,
+            precision=precision,
+            testTimeAugmentation=testTimeAugmentation,
         )
         while job.running:
             if cancelEvent is not None and cancelEvent.is_set():

@@ -5,6 +5,8 @@ medseg segment t1.nii.gz -o t1.seg.nrrd --model hippocampus-mri --device cpu
 medseg segment flair.nii.gz t1c.nii.gz -o seg.nii.gz --model path/to/model_folder
 medseg segment ct.nrrd -o ct_seg.nrrd --roi -120 -80 -300 40 60 -180
 medseg segment t1.nii.gz -o t1_seg.nii.gz --refine
+medseg segment ct.nii.gz -o ct_preview.nii.gz --preview
+medseg segment ct.nii.gz -o ct_seg.nii.gz --precision fp32 --tta
 medseg refine t1.nii.gz t1_probabilities.nii.gz -o t1_refined.nii.gz --seeds-fg strokes.nii.gz
 medseg models
 medseg demo
@@ -73,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
         help="work only inside this box of voxel indices, first and last included",
     )
+    _inference_options(segment)
+    segment.add_argument(
+        "--preview",
+        action="store_true",
+        help="a quick look, not for measurement: windows without overlap, fast precision without the float32 "
+        "trial, labels at the network's resolution (blocky where it is coarser than the input)",
+    )
     segment.add_argument(
         "--refine", action="store_true", help="refine the labels by graph cut on the image (see 'medseg refine')"
     )
@@ -119,6 +128,39 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "-m", "--model", help="model id (see 'medseg models') or model folder; default: the bundled model"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _inference_options(parser: argparse.ArgumentParser) -> None:
+    from .inference import PRECISIONS
+
+    group = parser.add_argument_group("inference")
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16/fp16 where the device runs it fast and the first windows show it cannot change the "
+        "labels, else fp32 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--window-batch",
+        type=int,
+        metavar="N",
+        help="windows per network call (default: 2 on the CPU, from free memory on a GPU)",
+    )
+    group.add_argument(
+        "--tta", action="store_true", help="test-time augmentation: average the 8 mirrorings of each window (8x slower)"
+    )
+
+
+def _inference_settings(args: argparse.Namespace):
+    from .inference import InferenceOptions
+
+    try:
+        return InferenceOptions(
+            precision=args.precision, window_batch=args.window_batch, mirror_axes=(0, 1, 2) if args.tta else ()
+        )
+    except ValueError as exc:
+        raise MedSegError(str(exc)) from None
 
 
 def _refine_options(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +236,10 @@ class _ProgressBar:
 
 def _print_result(result, output: Path, seconds: float) -> None:
     card = result.card
-    print(f"model      {card.id} {card.version} on {result.device}")
+    report = result.inference
+    print(f"model      {card.id} {card.version} on {result.device} ({report.precision}, {report.windows} windows)")
+    if result.preview:
+        print("PREVIEW    a quick look at the network's resolution, not for measurement")
     print(f"output     {output.resolve()}")
     for stats in result.statistics:
         print(f"  {stats.value:>3}  {stats.name:<30} {stats.volume_ml:9.3f} mL  ({stats.voxels} voxels)")
@@ -226,7 +271,7 @@ def _segment(args: argparse.Namespace) -> int:
     roi = _roi_option(args)
     if args.progress_json:
         _json_line(event="progress", stage="loading model", fraction=0.0)
-    segmenter = Segmenter(args.model, device=args.device)
+    segmenter = Segmenter(args.model, device=args.device, inference=_inference_settings(args))
     logger.debug("loaded model %s from %s", segmenter.card.id, segmenter.model.folder)
     if args.progress_json:
         bar = None
@@ -241,6 +286,7 @@ def _segment(args: argparse.Namespace) -> int:
             roi=roi,
             keep_largest=args.largest_component,
             refine=_graphcut_options(args) if args.refine else None,
+            preview=args.preview,
             control=RunControl(progress=progress),
         )
     finally:
@@ -254,6 +300,8 @@ def _segment(args: argparse.Namespace) -> int:
             output=str(Path(args.output).resolve()),
             statistics=[vars(s) for s in result.statistics],
             seconds=result.seconds,
+            preview=result.preview,
+            precision=result.inference.precision,
         )
     elif not args.quiet:
         _print_result(result, Path(args.output), time.perf_counter() - start)

@@ -1,14 +1,43 @@
-"""Sliding-window inference with MONAI on the chosen device.
+"""Sliding-window inference on the chosen device, built for speed and a small memory footprint.
 
-The input is the preprocessed (C, X, Y, Z) float32 array; the output is (K, X, Y, Z) float32 class
-probabilities (softmax of each window, blended across windows), K = labels + background.
+The input is the preprocessed (C, X, Y, Z) float32 array; the output is (K, X, Y, Z) class probabilities
+(softmax of the blended logits), K = labels + background.
+
+The windows, their order-independent blending weights and the padding of small volumes are MONAI's
+(``sliding_window_inference`` with the card's window, overlap and blend mode), so in float32 the result equals
+plain MONAI's to rounding. What differs is how the work is done:
+
+* **Window batches** that keep oneDNN on its fast path on the CPU (PyTorch runs a single 3D window through a much
+  slower im2col convolution), and on a GPU a batch chosen from the free memory after a probe.
+* **Precision.** ``fp32``, ``bf16`` or ``fp16`` autocast, or ``auto``: the low precision the device runs fast
+  (bf16 on CPUs with AMX/AVX-512-BF16, bf16 or fp16 on GPUs), *checked against float32*. The window nearest the
+  centre runs in both precisions. If the low precision changed more than :data:`DISAGREEMENT_BUDGET` of its
+  labels (an unsure model: an untrained one, whose logits nearly tie everywhere), the run is float32. Otherwise
+  the rest runs in low precision; the largest margin change seen in the trial is the error bound, and after
+  blending the voxels within that bound of a tie, times the trial's label flips per such voxel, estimate how
+  many labels could differ from float32. Above the budget, the run is redone in float32. A trained model runs at
+  low-precision speed and agrees with float32 in all but a few voxels in 10 000. The trial runs on every input,
+  so a result depends only on the input, the model, the device and the options, never on earlier runs.
+* **Slab streaming.** Windows run in order along the volume's longest axis; the part of the volume no later
+  window touches is finished (normalised, softmax) at once. On a GPU only a slab of C × window-depth voxels
+  accumulates on the device and finished slabs go to the host (in ``out_dtype``, float16 halves it), so there is
+  no C × X × Y × Z float32 buffer on the GPU; on the CPU the logits accumulate in the output array itself.
+* **Cached blending weights** per window size and mode.
+* **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
+  averaged, as nnU-Net does. Off by default.
+* **Out of memory** on a GPU: the batch is halved down to 1, then the run moves to the CPU, and the log says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +47,16 @@ from .models.card import InferenceSettings
 from .progress import RunControl
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``auto`` keeps low precision only when it changes at most this fraction of the labels (trial batch and estimate).
+DISAGREEMENT_BUDGET = 5e-4
+#: The CPU default window batch: 2 keeps PyTorch on oneDNN's convolution (a batch of 1 takes a path about 2x slower).
+CPU_WINDOW_BATCH = 2
+#: ``auto`` runs volumes of fewer window batches in float32: the trial would cost more than it saves.
+MIN_GROUPS_FOR_TRIAL = 3
+#: Upper bound of the GPU window batch, whatever the free memory.
+MAX_GPU_WINDOW_BATCH = 16
 
 
 class DeviceError(MedSegError):
@@ -45,15 +84,190 @@ def select_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
-def count_windows(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """Number of sliding windows MONAI's ``dense_patch_slices`` makes for ``shape`` (spatial dims only)."""
-    total = 1
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run the windows; none of it changes which windows run or how they are blended.
+
+    Attributes:
+        precision: ``auto`` (verified low precision, see the module doc), ``fp32``, ``bf16`` or ``fp16``.
+        window_batch: windows per network call; None: :data:`CPU_WINDOW_BATCH` on the CPU, from free memory on a GPU.
+        mirror_axes: spatial axes (0, 1, 2 = x, y, z) to mirror for test-time augmentation; () for none.
+    """
+
+    precision: str = "auto"
+    window_batch: int | None = None
+    mirror_axes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.window_batch is not None and self.window_batch < 1:
+            raise ValueError(f"window_batch must be at least 1, got {self.window_batch}")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {self.mirror_axes}")
+
+
+@dataclass
+class InferenceReport:
+    """What a run did: for logs, the benchmark and the result's record."""
+
+    device: str = "cpu"
+    precision: str = "fp32"  #: the precision the result was computed in
+    window_batch: int = 1
+    windows: int = 0
+    # auto only:
+    error_bound: float | None = None  #: largest change of a top-class margin in the trial batch
+    calibration_disagreement: float | None = None  #: labels the low precision changed in the trial batch
+    at_risk_fraction: float | None = None  #: voxels whose blended margin is within the error bound
+    estimated_disagreement: float | None = None  #: at-risk fraction times the trial batch's flips per at-risk voxel
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------- windows
+
+
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> tuple[int, ...]:
+    """MONAI's window step per axis (``monai.inferers.utils._get_scan_interval``)."""
+    steps = []
+    for size, roi in zip(image_size, roi_size):
+        steps.append(int(roi) if roi == size else max(int(roi * (1 - overlap)), 1))
+    return tuple(steps)
+
+
+def axis_starts(size: int, roi: int, step: int) -> list[int]:
+    """Window starts along one axis, as MONAI's ``dense_patch_slices`` places them (last one flush with the end)."""
+    roi = min(roi, size)
+    count = next((d for d in range(math.ceil(size / step)) if d * step + roi >= size), 0) + 1
+    return [i * step - max(i * step + roi - size, 0) for i in range(count)]
+
+
+def window_starts(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[tuple[int, int, int]]:
+    """Every window's start (x, y, z) on an image already padded to at least the window size."""
+    steps = scan_interval(image_size, roi_size, overlap)
+    per_axis = [axis_starts(s, r, t) for s, r, t in zip(image_size, roi_size, steps)]
+    return [tuple(p) for p in itertools.product(*per_axis)]
+
+
+def padding_for(shape: Sequence[int], roi_size: Sequence[int]) -> list[tuple[int, int]]:
+    """MONAI's symmetric padding (before, after) per axis of a volume smaller than the window."""
+    pads = []
     for size, roi in zip(shape, roi_size):
-        if size <= roi:
-            continue
-        interval = max(int(roi * (1 - overlap)), 1)
-        total *= math.ceil((size - roi) / interval) + 1
-    return total
+        diff = max(int(roi) - int(size), 0)
+        pads.append((diff // 2, diff - diff // 2))
+    return pads
+
+
+def count_windows(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Number of sliding windows MONAI makes for ``shape`` (spatial dims only)."""
+    padded = [max(s, r) for s, r in zip(shape, roi_size)]
+    return len(window_starts(padded, roi_size, overlap))
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_weights(roi_size: tuple[int, ...], mode: str) -> torch.Tensor:
+    """MONAI's importance map for one window (on the CPU), cached per size and mode."""
+    from monai.data.utils import compute_importance_map
+
+    weights = compute_importance_map(roi_size, mode=mode, sigma_scale=0.125, device="cpu", dtype=torch.float32)
+    return weights.to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------- precision
+
+
+def low_precision_for(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype this device runs faster than float32, or None when there is none."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and (_probe(cpu, "_is_amx_tile_supported") or _probe(cpu, "_is_avx512_bf16_supported")):
+        return torch.bfloat16
+    return None
+
+
+def _probe(module, name: str) -> bool:
+    function = getattr(module, name, None)
+    try:
+        return bool(function()) if function is not None else False
+    except RuntimeError:  # pragma: no cover - probes that fail mean "not supported"
+        return False
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def top_two(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index of the largest logit along ``dim`` (first one on ties, as ``argmax``) and its margin over the next.
+
+    A running pass over the classes: PyTorch's CPU ``argmax``/``topk`` along a leading axis are many times slower.
+    """
+    classes = logits.unbind(dim)
+    best = classes[0].clone()
+    index = torch.zeros(best.shape, dtype=torch.uint8 if len(classes) < 256 else torch.int64, device=best.device)
+    second = torch.full_like(best, float("-inf"))
+    for k, value in enumerate(classes[1:], start=1):
+        better = value > best
+        second = torch.where(better, best, torch.maximum(second, value))
+        best = torch.where(better, value, best)
+        index.masked_fill_(better, k)
+    return index, best - second
+
+
+def top_two_margin(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Difference between the largest and the second largest logit along ``dim`` (0 where they tie)."""
+    return top_two(logits, dim)[1]
+
+
+# ------------------------------------------------------------------------------------------------ window batch
+
+
+def window_batch_from_memory(free_bytes: int, per_window_bytes: int, windows: int, *, reserve: float = 0.2) -> int:
+    """The largest window batch whose working memory fits ``free_bytes`` less a ``reserve`` fraction."""
+    if per_window_bytes <= 0:
+        return max(1, min(MAX_GPU_WINDOW_BATCH, windows))
+    fits = int(free_bytes * (1 - reserve) // per_window_bytes)
+    return max(1, min(fits, MAX_GPU_WINDOW_BATCH, windows))
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+class _Runner:
+    """Runs window batches through the network in one precision, with optional mirroring."""
+
+    def __init__(self, network: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, mirror_axes):
+        self.network = network
+        self.device = device
+        self.dtype = dtype
+        self.flips = [
+            tuple(2 + a for a in combo)
+            for r in range(len(mirror_axes) + 1)
+            for combo in itertools.combinations(sorted(mirror_axes), r)
+        ]
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device, self.dtype):
+            total = None
+            for flip in self.flips:
+                x = torch.flip(batch, flip) if flip else batch
+                out = self.network(x)
+                out = torch.flip(out, flip) if flip else out
+                total = out.float() if total is None else total + out.float()
+                del out
+        return total if len(self.flips) == 1 else total / len(self.flips)
+
+
+def _slab_axis(shape: Sequence[int]) -> int:
+    """The spatial axis (0, 1, 2) along which windows are streamed: the one with the most voxels."""
+    return int(np.argmax(shape))
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def sliding_window_probabilities(
@@ -64,48 +278,264 @@ def sliding_window_probabilities(
     device: torch.device,
     control: RunControl | None = None,
     sw_batch_size: int | None = None,
+    options: InferenceOptions | None = None,
+    out_dtype: np.dtype | type = np.float32,
+    report: InferenceReport | None = None,
 ) -> np.ndarray:
-    """Run ``network`` over ``volume`` (C, X, Y, Z) window by window and blend softmax probabilities.
+    """Run ``network`` over ``volume`` (C, X, Y, Z) window by window, blend the logits, return probabilities.
 
-    Windows larger than the volume are padded by MONAI; the result has the volume's spatial shape. When the
-    GPU runs out of memory, retries with a window batch of 1, then on the CPU, and logs that it did.
+    Windows larger than the volume are padded as MONAI pads them; the result has the volume's spatial shape.
+    ``sw_batch_size`` (kept for callers of the first version) is the same as ``options.window_batch``.
+    ``report``, when given, is filled with what the run did.
     """
-    from monai.inferers import sliding_window_inference
-
+    options = options or InferenceOptions()
+    if sw_batch_size is not None and options.window_batch is None:
+        options = InferenceOptions(options.precision, sw_batch_size, options.mirror_axes)
+    report = report if report is not None else InferenceReport()
     control = control or RunControl()
-    batch = sw_batch_size or settings.sw_batch_size
-    total = max(1, math.ceil(count_windows(volume.shape[1:], settings.roi_size, settings.overlap) / batch))
-    done = 0
-
-    def predictor(window: torch.Tensor) -> torch.Tensor:
-        nonlocal done
-        control.check()
-        probabilities = torch.softmax(network(window), dim=1)
-        done += 1
-        control.report("inference", done / total)
-        return probabilities
-
-    attempts = [(device, batch)]
-    if device.type == "cuda":
-        attempts += [(device, 1), (torch.device("cpu"), batch)]
-    for attempt, (dev, batch_size) in enumerate(attempts):
+    attempts: list[tuple[torch.device, int | None]] = [(device, options.window_batch)]
+    while True:
+        dev, batch = attempts[-1]
         try:
-            network.to(dev)
-            x = torch.from_numpy(np.ascontiguousarray(volume))[None].to(dev)
-            with torch.inference_mode():
-                out = sliding_window_inference(
-                    x, settings.roi_size, batch_size, predictor, overlap=settings.overlap, mode=settings.blend_mode
-                )
-            return out[0].float().cpu().numpy()
+            return _run(network, volume, settings, dev, batch, options, control, out_dtype, report)
         except torch.cuda.OutOfMemoryError:
-            if attempt + 1 == len(attempts):
+            if dev.type != "cuda":
                 raise
             torch.cuda.empty_cache()
-            nxt = attempts[attempt + 1]
-            logger.warning(
-                "GPU out of memory with a window batch of %d; retrying %s",
-                batch_size,
-                "with a batch of 1" if nxt[0].type == "cuda" else "on the CPU",
-            )
-            done = 0
-    raise RuntimeError("unreachable")  # pragma: no cover
+            used = report.window_batch
+            if used > 1:
+                attempts.append((dev, max(1, used // 2)))
+                message = f"GPU out of memory with a window batch of {used}; retrying with a batch of {used // 2}"
+            else:
+                attempts.append((torch.device("cpu"), None))
+                message = "GPU out of memory with a window batch of 1; retrying on the CPU"
+            logger.warning(message)
+            report.notes.append(message)
+
+
+def _run(network, volume, settings, device, batch, options, control, out_dtype, report) -> np.ndarray:
+    roi = tuple(int(r) for r in settings.roi_size)
+    spatial = tuple(volume.shape[1:])
+    pads = padding_for(spatial, roi)
+    padded_shape = tuple(s + a + b for s, (a, b) in zip(spatial, pads))
+    starts = window_starts(padded_shape, roi, settings.overlap)
+    axis = _slab_axis(padded_shape)
+    starts.sort(key=lambda s: (s[axis], s))
+    network.to(device)
+    network.eval()
+
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+    if any(a or b for a, b in pads):
+        x = torch.nn.functional.pad(x, [v for a, b in reversed(pads) for v in (a, b)])
+    if device.type == "cuda":
+        x = (x.pin_memory() if torch.cuda.is_available() else x).to(device, non_blocking=True)
+    weights = _blend_weights(roi, settings.blend_mode).to(device)
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(options.precision)
+    if options.precision == "auto":
+        low = low_precision_for(device)
+    fp32 = _Runner(network, device, None, options.mirror_axes)
+    runner = _Runner(network, device, low, options.mirror_axes) if low is not None else fp32
+
+    def window(start) -> torch.Tensor:
+        return x[(slice(None), *(slice(s, s + r) for s, r in zip(start, roi)))]
+
+    def stacked(group) -> torch.Tensor:
+        return torch.stack([window(s) for s in group])
+
+    with torch.inference_mode():
+        report.window_batch = batch or 1  # what an out-of-memory during the probe below halves from
+        if batch is None:
+            batch = _choose_window_batch(runner, window(starts[0])[None], device, len(starts))
+        report.device, report.window_batch, report.windows = str(device), batch, len(starts)
+        report.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low]
+        groups = list(_batches(starts, batch))
+        calibration = None
+        known: dict[int, torch.Tensor] = {}  # float32 logits of the trial batch
+        if options.precision == "auto" and low is not None and len(groups) < MIN_GROUPS_FOR_TRIAL:
+            runner, report.precision = fp32, "fp32"  # the trial would cost more than low precision saves
+        elif options.precision == "auto" and low is not None:
+            group, _ = _central_window(groups, padded_shape, roi)
+            calibration, known[group] = _calibrate(stacked(groups[group]), fp32, runner)
+            release_memory()  # the float32 trial's activations: give them back before the batches allocate theirs
+            report.error_bound = calibration.bound
+            report.calibration_disagreement = calibration.disagreement
+            if calibration.disagreement > DISAGREEMENT_BUDGET:
+                _note(
+                    report,
+                    f"{report.precision} changed {calibration.disagreement:.3%} of the labels of a trial window "
+                    f"batch (budget {DISAGREEMENT_BUDGET:.3%}); running in float32",
+                )
+                runner, report.precision, calibration = fp32, "fp32", None
+        stream = _SlabStream(groups, roi, axis, padded_shape, weights, np.dtype(out_dtype), calibration)
+
+        # the trial batch keeps its float32 logits (the same batch as in the stream: the same numbers)
+        at_risk = stream.run(lambda i, g: known.pop(i) if i in known else runner(stacked(g)), control)
+        if calibration is not None:
+            estimate = at_risk * calibration.flips_per_risk
+            report.at_risk_fraction, report.estimated_disagreement = at_risk, estimate
+            if estimate > DISAGREEMENT_BUDGET:
+                _note(
+                    report,
+                    f"{at_risk:.3%} of the voxels are within {report.precision}'s error bound, about {estimate:.3%} "
+                    "could differ from float32; recomputing in float32",
+                )
+                report.precision = "fp32"
+                stream.calibration = None
+                quiet = RunControl(cancel_event=control.cancel_event)  # progress already reached 1; keep cancel
+                stream.run(lambda i, g: fp32(stacked(g)), quiet)
+    out = stream.out
+    if any(a or b for a, b in pads):
+        out = np.ascontiguousarray(out[(slice(None), *(slice(a, a + s) for (a, _), s in zip(pads, spatial)))])
+    return out
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps large freed blocks that other sizes may not reuse)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _note(report: InferenceReport, message: str) -> None:
+    logger.info(message)
+    report.notes.append(message)
+
+
+@dataclass
+class _Calibration:
+    bound: float  #: the largest change of a top-class margin seen between the precisions
+    disagreement: float  #: fraction of its voxels whose label differed
+    flips_per_risk: float  #: labels that differed per voxel within ``bound`` of a tie (at least one voxel's worth)
+
+
+def _central_window(groups, shape, roi) -> tuple[int, int]:
+    """(batch, position) of the window nearest the volume's centre: the trial should see anatomy, not air."""
+    centre = np.array(shape) / 2
+    return min(
+        ((i, j) for i, group in enumerate(groups) for j in range(len(group))),
+        key=lambda ij: float(np.linalg.norm(np.array(groups[ij[0]][ij[1]]) + np.array(roi) / 2 - centre)),
+    )
+
+
+def _calibrate(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tuple[_Calibration, torch.Tensor]:
+    """Run one window batch in float32 and in low precision and compare; also returns the float32 logits."""
+    reference = fp32(batch)
+    candidate = low(batch)
+    top, margin = top_two(reference, 1)
+    change = candidate - reference
+    bound = float((change - change.gather(1, top[:, None].long())).abs().max())
+    flips = int((top_two(candidate, 1)[0] != top).sum())
+    voxels = top.numel()
+    at_risk = int((margin < bound).sum())
+    trial = _Calibration(bound=bound, disagreement=flips / voxels, flips_per_risk=max(flips, 1) / max(at_risk, 1))
+    return trial, reference
+
+
+def _choose_window_batch(runner: _Runner, one: torch.Tensor, device: torch.device, windows: int) -> int:
+    if device.type != "cuda":
+        return min(CPU_WINDOW_BATCH, windows)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    runner(one)
+    per_window = torch.cuda.max_memory_allocated(device) - before
+    free, _ = torch.cuda.mem_get_info(device)
+    return window_batch_from_memory(free, per_window, windows)
+
+
+class _SlabStream:
+    """Blends window logits slab by slab along ``axis`` and leaves finished slabs' probabilities in ``out``.
+
+    Windows arrive sorted by their start along ``axis``. When a batch's lowest start passes the slab's start,
+    everything before it is final (no later window reaches back): normalised, checked against the error bound,
+    turned into probabilities and written out. On the CPU the logits accumulate in ``out`` itself (float32), so
+    the only extra buffer is the slab's blending weights; on a GPU a slab-sized accumulator lives on the device and
+    finished slabs are copied to the host.
+    """
+
+    def __init__(self, groups, roi, axis, shape, weights, out_dtype, calibration):
+        self.groups, self.roi, self.axis, self.shape = groups, roi, axis, shape
+        self.weights, self.out_dtype, self.calibration = weights, out_dtype, calibration
+        self.constant = bool(torch.all(weights == weights.flatten()[0]))  # MONAI's constant map: plain sums
+        spans = [max(s[axis] for s in g) - min(s[axis] for s in g) for g in groups]
+        self.depth = min(shape[axis], max(spans) + roi[axis])
+        self.out: np.ndarray | None = None
+
+    def run(self, compute, control: RunControl) -> float:
+        """Blend every batch ``compute(index, group)`` returns; the fraction of voxels within the error bound."""
+        acc = norm = None
+        start = self.groups[0][0][self.axis]
+        at_risk = 0
+        for index, group in enumerate(self.groups):
+            control.check()
+            logits = compute(index, group)
+            if norm is None:
+                acc, norm = self._buffers(logits)
+            lowest = min(s[self.axis] for s in group)
+            if lowest > start:
+                at_risk += self._flush(acc, norm, start, lowest - start)
+                start = lowest
+            view = acc if self.device_slab else acc[self._along(start, start + self.depth, True)]
+            for corner, piece in zip(group, logits):
+                local = list(corner)
+                local[self.axis] -= start
+                region = tuple(slice(c, c + r) for c, r in zip(local, self.roi))
+                if self.constant:
+                    view[(slice(None), *region)].add_(piece)
+                    norm[region].add_(1.0)
+                else:
+                    view[(slice(None), *region)].addcmul_(piece, self.weights)
+                    norm[region].add_(self.weights)
+            control.report("inference", (index + 1) / len(self.groups))
+        at_risk += self._flush(acc, norm, start, self.shape[self.axis] - start)
+        return at_risk / float(np.prod(self.shape))
+
+    def _buffers(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = logits.shape[1]
+        slab = list(self.shape)
+        slab[self.axis] = self.depth
+        self.device_slab = not (logits.device.type == "cpu" and self.out_dtype == np.float32)
+        if self.device_slab:
+            if self.out is None:
+                self.out = np.empty((classes, *self.shape), dtype=self.out_dtype)
+            acc = torch.zeros((classes, *slab), dtype=torch.float32, device=logits.device)
+        else:
+            if self.out is None:
+                self.out = np.zeros((classes, *self.shape), dtype=np.float32)
+            else:
+                self.out.fill(0.0)
+            acc = torch.from_numpy(self.out)
+        return acc, torch.zeros(slab, dtype=torch.float32, device=logits.device)
+
+    def _along(self, start: int, stop: int, channels: bool) -> tuple[slice, ...]:
+        index = [slice(None)] * 3
+        index[self.axis] = slice(start, stop)
+        return (slice(None), *index) if channels else tuple(index)
+
+    def _flush(self, acc: torch.Tensor, norm: torch.Tensor, start: int, length: int) -> int:
+        """Finish ``length`` voxels along the axis from the slab's front, then move the slab forward."""
+        weights = norm[self._along(0, length, False)].clamp_min(1e-12)
+        if self.device_slab:
+            logits = acc[self._along(0, length, True)] / weights
+        else:
+            logits = acc[self._along(start, start + length, True)]
+            logits.div_(weights)
+        bound = None if self.calibration is None else self.calibration.bound
+        risky = int((top_two_margin(logits, 0) < bound).sum()) if bound is not None else 0
+        probabilities = torch.softmax(logits, dim=0)
+        if self.device_slab:
+            target = self.out[self._along(start, start + length, True)]
+            target[...] = probabilities.cpu().numpy().astype(self.out_dtype, copy=False)
+        else:
+            logits.copy_(probabilities)
+        del probabilities
+        rest = self.depth - length
+        slabs = (norm, acc) if self.device_slab else (norm,)
+        for buffer in slabs:
+            channels = buffer.dim() == 4
+            if rest > 0:
+                buffer[self._along(0, rest, channels)] = buffer[self._along(length, self.depth, channels)].clone()
+            buffer[self._along(max(rest, 0), self.depth, channels)] = 0
+        return risky

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocessing import PreprocessRecord, network_array_to_image, reorient
+from .preprocessing import Geometry, PreprocessRecord, network_array_to_image, reorient
 
 
 def _uncrop_foreground(array: np.ndarray, record: PreprocessRecord, fill: Sequence[float]) -> np.ndarray:
@@ -25,31 +25,35 @@ def _uncrop_foreground(array: np.ndarray, record: PreprocessRecord, fill: Sequen
     return full
 
 
+def _restore_channel(channel: np.ndarray, record: PreprocessRecord, fill: float) -> np.ndarray:
+    """One (X, Y, Z) probability channel from the network grid onto the input grid (linear), float32."""
+    channel = _uncrop_foreground(channel[None].astype(np.float32, copy=False), record, [fill])[0]
+    return _paste_roi(_to_cropped_input_grid(channel, record, interpolator=sitk.sitkLinear, default=fill), record, fill)
+
+
 def _to_cropped_input_grid(
     channel: np.ndarray, record: PreprocessRecord, *, interpolator: int, default: float
 ) -> np.ndarray:
     """Map one (X, Y, Z) channel from the (uncropped) network grid to the ROI-cropped input grid."""
     image = network_array_to_image(channel, record.resampled_reference)
     if record.resampled:
-        image = sitk.Resample(
-            image, record.cropped_reference, sitk.Transform(), interpolator, default, image.GetPixelID()
-        )
+        image = record.cropped_reference.resample(image, interpolator, default)
     else:
         # Only axes were permuted and flipped: undo exactly, then snap the geometry to the input's.
-        image = reorient(image, record.original_orientation)
-        image.CopyInformation(record.cropped_reference)
+        image = record.cropped_reference.apply(reorient(image, record.original_orientation))
     return _xyz(image)
 
 
 def _xyz(image: sitk.Image) -> np.ndarray:
-    return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
+    """(X, Y, Z) view of a copy of the voxels: a plain copy, then a free transpose (a strided copy is 4x slower)."""
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 
 
 def _paste_roi(array: np.ndarray, record: PreprocessRecord, fill: float) -> np.ndarray:
     """Put a (X, Y, Z) array on the ROI-cropped grid into the full input grid."""
     if record.roi is None:
         return array
-    full = np.full(record.input_reference.GetSize(), fill, dtype=array.dtype)
+    full = np.full(record.input_reference.GetSize()[::-1], fill, dtype=array.dtype).transpose(2, 1, 0)
     full[tuple(slice(s, s + n) for s, n in zip(record.roi.start, record.roi.size))] = array
     return full
 
@@ -59,32 +63,44 @@ def restore_probabilities(probabilities: np.ndarray, record: PreprocessRecord) -
 
     Outside the network's field of view (foreground crop, ROI) the background has probability 1.
     """
-    background = [1.0] + [0.0] * (probabilities.shape[0] - 1)
-    probabilities = _uncrop_foreground(probabilities.astype(np.float32, copy=False), record, background)
-    restored = [
-        _paste_roi(_to_cropped_input_grid(channel, record, interpolator=sitk.sitkLinear, default=fill), record, fill)
-        for channel, fill in zip(probabilities, background)
-    ]
-    return np.stack(restored)
+    return np.stack([_restore_channel(c, record, 1.0 if k == 0 else 0.0) for k, c in enumerate(probabilities)])
+
+
+def restore_argmax(probabilities: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """``restore_probabilities(...).argmax(0)`` as uint8, one class at a time.
+
+    Holds one restored channel, the running maximum and the labels on the input grid instead of all C channels;
+    ties go to the lower class, as ``argmax`` gives them.
+    """
+    best = labels = None
+    for k, channel in enumerate(probabilities):
+        restored = _restore_channel(channel, record, 1.0 if k == 0 else 0.0)
+        if best is None:
+            best, labels = restored, np.zeros_like(restored, dtype=np.uint8)  # same memory order as the channels
+            continue
+        better = restored > best
+        labels[better] = k
+        np.maximum(best, restored, out=best)
+        del restored, better
+    return labels
+
+
+def restore_label_array(labels: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """A (X, Y, Z) labelmap from the network grid on the input grid (nearest neighbour), uint8 (X, Y, Z)."""
+    labels = _uncrop_foreground(labels[None].astype(np.uint8), record, [0])[0]
+    return _paste_roi(
+        _to_cropped_input_grid(labels, record, interpolator=sitk.sitkNearestNeighbor, default=0), record, 0
+    )
 
 
 def restore_labels(labels: np.ndarray, record: PreprocessRecord) -> sitk.Image:
     """Put a (X, Y, Z) labelmap from the network grid onto the input grid (nearest neighbour), as an image."""
-    labels = _uncrop_foreground(labels[None].astype(np.uint8), record, [0])[0]
-    restored = _paste_roi(
-        _to_cropped_input_grid(labels, record, interpolator=sitk.sitkNearestNeighbor, default=0), record, 0
-    )
-    return labels_to_image(restored, record.input_reference)
+    return labels_to_image(restore_label_array(labels, record), record.input_reference)
 
 
-def labels_to_image(labels_xyz: np.ndarray, reference: sitk.Image) -> sitk.Image:
+def labels_to_image(labels_xyz: np.ndarray, reference: sitk.Image | Geometry) -> sitk.Image:
     """A uint8 labelmap image on ``reference``'s grid from a (X, Y, Z) array."""
     return network_array_to_image(labels_xyz.astype(np.uint8, copy=False), reference)
-
-
-def argmax_labels(probabilities: np.ndarray) -> np.ndarray:
-    """(C, X, Y, Z) probabilities → (X, Y, Z) uint8 labels (class index; 0 is background)."""
-    return np.argmax(probabilities, axis=0).astype(np.uint8)
 
 
 def keep_largest_component(labels: np.ndarray, label_values: Sequence[int]) -> np.ndarray:

@@ -66,25 +66,77 @@ class PhysicalBox:
         return IndexBox.from_physical(image, self.corner_a, self.corner_b)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """A voxel grid without voxels: size, spacing, origin and direction, as ITK has them.
+
+    It answers the ``Get*`` calls of an image, so code that only reads geometry takes either.
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image | Geometry) -> Geometry:
+        return cls(
+            tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection())
+        )
+
+    def GetSize(self) -> tuple[int, ...]:  # noqa: N802  (ITK's names)
+        return self.size
+
+    def GetSpacing(self) -> tuple[float, ...]:  # noqa: N802
+        return self.spacing
+
+    def GetOrigin(self) -> tuple[float, ...]:  # noqa: N802
+        return self.origin
+
+    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802
+        return self.direction
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (of this size) this grid's spacing, origin and direction, in place."""
+        if tuple(image.GetSize()) != self.size:
+            raise ValueError(f"an image of size {image.GetSize()} cannot take the geometry of a {self.size} grid")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def crop(self, box: IndexBox) -> Geometry:
+        matrix = np.array(self.direction).reshape(3, 3)
+        origin = np.array(self.origin) + matrix @ (np.array(box.start) * np.array(self.spacing))
+        return Geometry(tuple(box.size), self.spacing, tuple(float(v) for v in origin), self.direction)
+
+    def resample(self, image: sitk.Image, interpolator: int, default: float) -> sitk.Image:
+        """``image`` resampled onto this grid (identity transform)."""
+        return sitk.Resample(
+            image,
+            [int(v) for v in self.size],
+            sitk.Transform(),
+            interpolator,
+            self.origin,
+            self.spacing,
+            self.direction,
+            default,
+            image.GetPixelID(),
+        )
+
+
 @dataclass
 class PreprocessRecord:
     """What preprocessing did, so that a result on the network grid can be put back on the input grid."""
 
-    input_reference: sitk.Image  #: the full input grid (geometry only, 8-bit zeros)
+    input_reference: Geometry  #: the full input grid
     roi: IndexBox | None
-    cropped_reference: sitk.Image  #: the input grid after the ROI crop, before reorientation
+    cropped_reference: Geometry  #: the input grid after the ROI crop, before reorientation
     original_orientation: str
     resampled: bool
-    resampled_reference: sitk.Image  #: the reoriented (and resampled) grid, before the foreground crop
-    network_reference: sitk.Image  #: the grid of the network array, after resampling and foreground crop
+    resampled_reference: Geometry  #: the reoriented (and resampled) grid, before the foreground crop
+    network_reference: Geometry  #: the grid of the network array, after resampling and foreground crop
     foreground_box: IndexBox | None
-
-
-def _geometry_only(image: sitk.Image) -> sitk.Image:
-    """An image with the same grid as ``image`` but 8-bit zeros, to carry geometry cheaply."""
-    reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(image)
-    return reference
 
 
 def orientation_code(image: sitk.Image) -> str:
@@ -147,7 +199,7 @@ def image_to_network_array(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0), dtype=np.float32)
 
 
-def network_array_to_image(array_xyz: np.ndarray, reference: sitk.Image) -> sitk.Image:
+def network_array_to_image(array_xyz: np.ndarray, reference: sitk.Image | Geometry) -> sitk.Image:
     """Wrap a (X, Y, Z) array (or (C, X, Y, Z) as a vector image) on ``reference``'s grid."""
     if array_xyz.ndim == 4:
         image = sitk.GetImageFromArray(
@@ -155,8 +207,7 @@ def network_array_to_image(array_xyz: np.ndarray, reference: sitk.Image) -> sitk
         )
     else:
         image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
-    image.CopyInformation(reference)
-    return image
+    return Geometry.of(reference).apply(image)
 
 
 def normalize_intensity(array: np.ndarray, spec: Normalization) -> np.ndarray:
@@ -187,7 +238,10 @@ def normalize_intensity(array: np.ndarray, spec: Normalization) -> np.ndarray:
 
 
 def preprocess(
-    images: Sequence[sitk.Image], spec: Preprocessing, *, roi: IndexBox | None = None
+    images: Sequence[sitk.Image],
+    spec: Preprocessing,
+    *,
+    roi: IndexBox | None = None,
 ) -> tuple[np.ndarray, PreprocessRecord]:
     """Turn the input channels (all on one grid) into the network's (C, X, Y, Z) float32 array.
 
@@ -198,22 +252,22 @@ def preprocess(
     if roi is not None:
         roi = roi.clip_to(reference.GetSize())
         images = [crop(image, roi) for image in images]
-    cropped_reference = _geometry_only(images[0])
+    cropped_reference = Geometry.of(images[0])
     original_orientation = orientation_code(images[0])
     images = [reorient(sitk.Cast(image, sitk.sitkFloat32), spec.orientation) for image in images]
     resampled = needs_resampling(images[0], spec.spacing)
     if resampled:
         images = [resample_to_spacing(image, spec.spacing) for image in images]
-    resampled_reference = _geometry_only(images[0])
+    resampled_reference = Geometry.of(images[0])
     arrays = [image_to_network_array(image) for image in images]
     box = foreground_box(arrays[0]) if spec.crop == "foreground" else None
     network_reference = resampled_reference
     if box is not None:
         arrays = [a[tuple(slice(s, s + n) for s, n in zip(box.start, box.size))] for a in arrays]
-        network_reference = crop(network_reference, box)
+        network_reference = network_reference.crop(box)
     stacked = np.stack([normalize_intensity(a, spec.normalization) for a in arrays])
     record = PreprocessRecord(
-        input_reference=_geometry_only(reference),
+        input_reference=Geometry.of(reference),
         roi=roi,
         cropped_reference=cropped_reference,
         original_orientation=original_orientation,
@@ -232,7 +286,5 @@ def label_to_network_grid(label: sitk.Image, record: PreprocessRecord) -> np.nda
     """
     if record.roi is not None:
         label = crop(label, record.roi)
-    moved = sitk.Resample(
-        label, record.network_reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID()
-    )
+    moved = record.network_reference.resample(label, sitk.sitkNearestNeighbor, 0.0)
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(moved).transpose(2, 1, 0))

@@ -1,4 +1,4 @@
-"""Sliding-window inference: tiling and blending checked with voxel-wise predictors, devices, OOM fallback."""
+"""Sliding-window inference: MONAI's windows and blending, exactly; precision, mirroring, slabs, devices, OOM."""
 
 from __future__ import annotations
 
@@ -6,10 +6,28 @@ import numpy as np
 import pytest
 import torch
 from helpers import ThresholdNet
+from medseg import inference
 from medseg.errors import CancelledError
-from medseg.inference import DeviceError, count_windows, select_device, sliding_window_probabilities
+from medseg.inference import (
+    DeviceError,
+    InferenceOptions,
+    InferenceReport,
+    count_windows,
+    select_device,
+    sliding_window_probabilities,
+    top_two,
+    window_batch_from_memory,
+    window_starts,
+)
 from medseg.models.card import InferenceSettings
 from medseg.progress import RunControl
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
+from monai.networks.nets import UNet
+
+CPU = torch.device("cpu")
+FP32 = InferenceOptions(precision="fp32")
 
 
 class Doubling(torch.nn.Module):
@@ -32,13 +50,38 @@ class Counting(torch.nn.Module):
         return self.inner(x)
 
 
+class Confident(torch.nn.Module):
+    """A convolution whose logits are far apart except at the edge of a bright object (a trained model's shape)."""
+
+    def __init__(self, gain: float = 40.0) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(gain / 27)
+
+    def forward(self, x):
+        score = self.conv(x - 0.5)
+        return torch.cat([-score, score], dim=1)
+
+
+def small_unet(classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return UNet(3, 1, classes, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+
+
+def monai_probabilities(net, volume, roi, overlap, mode, batch=1) -> np.ndarray:
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(volume[None]), roi, batch, net, overlap=overlap, mode=mode)
+    return torch.softmax(logits[0], 0).numpy()
+
+
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
 @pytest.mark.parametrize("shape", [(37, 29, 18), (10, 12, 9), (64, 16, 16)])
 def test_tiling_reproduces_a_voxelwise_predictor_exactly(mode, shape):
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(1, *shape)).astype(np.float32)
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode=mode, sw_batch_size=3)
-    out = sliding_window_probabilities(Doubling(), volume, settings, device=torch.device("cpu"))
+    out = sliding_window_probabilities(Doubling(), volume, settings, device=CPU, options=FP32)
     expected = torch.softmax(torch.from_numpy(np.concatenate([2 * volume, np.zeros_like(volume)])), 0).numpy()
     assert out.shape == (2, *shape)
     np.testing.assert_allclose(out, expected, atol=1e-5)
@@ -53,18 +96,64 @@ def test_tiling_reproduces_a_voxelwise_predictor_exactly(mode, shape):
         ((50, 50, 50), (20, 30, 40), 0.3),
     ],
 )
-def test_window_count_matches_monai(shape, roi, overlap):
+def test_windows_are_monais(shape, roi, overlap):
     net = Counting(Doubling())
     settings = InferenceSettings(roi_size=roi, overlap=overlap, blend_mode="constant", sw_batch_size=1)
-    sliding_window_probabilities(net, np.zeros((1, *shape), np.float32), settings, device=torch.device("cpu"))
+    sliding_window_probabilities(net, np.zeros((1, *shape), np.float32), settings, device=CPU, options=FP32)
     assert net.windows == count_windows(shape, roi, overlap)
+    padded = [max(s, r) for s, r in zip(shape, roi)]
+    theirs = dense_patch_slices(padded, roi, _get_scan_interval(padded, roi, 3, (overlap,) * 3))
+    assert sorted(window_starts(padded, roi, overlap)) == sorted(tuple(s.start for s in w) for w in theirs)
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap", "batch"),
+    [
+        ((40, 29, 70), (16, 16, 16), 0.25, 1),  # streamed along z in many slabs
+        ((37, 45, 18), (16, 24, 16), 0.5, 3),  # batches that span two slab starts
+        ((10, 12, 9), (16, 16, 16), 0.5, 2),  # padded on every axis, one window
+        ((33, 16, 20), (16, 16, 16), 0.0, 2),
+    ],
+)
+def test_float32_result_is_plain_monai_sliding_window(mode, shape, roi, overlap, batch):
+    """A real network: MedSeg's own loop gives plain MONAI's blended logits (then softmax) to rounding."""
+    net = small_unet()
+    volume = np.random.default_rng(2).normal(size=(1, *shape)).astype(np.float32)
+    settings = InferenceSettings(roi_size=roi, overlap=overlap, blend_mode=mode)
+    options = InferenceOptions(precision="fp32", window_batch=batch)
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options)
+    expected = monai_probabilities(net, volume, roi, overlap, mode)
+    assert out.shape == expected.shape == (3, *shape)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+    assert np.mean(out.argmax(0) == expected.argmax(0)) > 0.9999
+
+
+def test_slabs_keep_the_accumulator_to_a_window_depth(monkeypatch):
+    """Along a long axis the device holds a slab about one window deep, not the whole volume."""
+    sizes = []
+    real_zeros = torch.zeros
+
+    def recording_zeros(*args, **kwargs):
+        tensor = real_zeros(*args, **kwargs)
+        sizes.append(tuple(tensor.shape))
+        return tensor
+
+    monkeypatch.setattr(inference.torch, "zeros", recording_zeros)
+    volume = np.random.default_rng(0).normal(size=(1, 20, 20, 200)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    out = sliding_window_probabilities(small_unet(2), volume, settings, device=CPU, options=FP32)
+    accumulator = max(sizes, key=np.prod)
+    assert accumulator[-1] <= 2 * 16 < 200
+    expected = monai_probabilities(small_unet(2), volume, (16, 16, 16), 0.25, "gaussian")
+    np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
 def test_threshold_network_is_reproduced_with_overlapping_windows():
     volume = np.zeros((1, 30, 30, 30), np.float32)
     volume[0, 5:20, 8:25, 3:12] = 3.0
     settings = InferenceSettings(roi_size=(12, 12, 12), overlap=0.5, blend_mode="gaussian", sw_batch_size=4)
-    out = sliding_window_probabilities(ThresholdNet(), volume, settings, device=torch.device("cpu"))
+    out = sliding_window_probabilities(ThresholdNet(), volume, settings, device=CPU)
     np.testing.assert_array_equal(np.argmax(out, 0), (volume[0] > 1).astype(np.int64))
     np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
 
@@ -74,7 +163,7 @@ def test_progress_is_reported_and_reaches_one():
     settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.5, blend_mode="constant", sw_batch_size=2)
     control = RunControl(progress=lambda stage, f: seen.append((stage, f)))
     sliding_window_probabilities(
-        Doubling(), np.zeros((1, 20, 20, 20), np.float32), settings, device=torch.device("cpu"), control=control
+        Doubling(), np.zeros((1, 20, 20, 20), np.float32), settings, device=CPU, control=control, sw_batch_size=2
     )
     fractions = [f for s, f in seen if s == "inference"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) == 32
@@ -92,7 +181,7 @@ def test_cancel_stops_inference():
     settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.5, blend_mode="constant", sw_batch_size=1)
     with pytest.raises(CancelledError, match="cancelled"):
         sliding_window_probabilities(
-            Doubling(), np.zeros((1, 20, 20, 20), np.float32), settings, device=torch.device("cpu"), control=control
+            Doubling(), np.zeros((1, 20, 20, 20), np.float32), settings, device=CPU, control=control
         )
     assert len(calls) == 1
 
@@ -107,8 +196,8 @@ def test_device_selection():
             select_device("cuda")
 
 
-def test_out_of_memory_falls_back_to_a_smaller_batch_then_the_cpu(monkeypatch, caplog):
-    """The fallback path, exercised on the CPU: a 'GPU' network that runs out of memory on batches > 1."""
+def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(monkeypatch, caplog):
+    """The fallback path, exercised on the CPU: a 'GPU' network that runs out of memory on every GPU batch."""
 
     class FlakyOnGpu(torch.nn.Module):
         def __init__(self):
@@ -132,11 +221,173 @@ def test_out_of_memory_falls_back_to_a_smaller_batch_then_the_cpu(monkeypatch, c
     )
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     net = FlakyOnGpu()
-    settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.0, blend_mode="constant", sw_batch_size=4)
+    settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.0, blend_mode="constant")
     volume = np.ones((1, 16, 16, 8), np.float32)
+    report = InferenceReport()
+    options = InferenceOptions(precision="fp32", window_batch=4)
     with caplog.at_level("WARNING", logger="medseg.inference"):
-        out = sliding_window_probabilities(net, volume, settings, device=torch.device("cuda"))
-    assert [b for b in net.batches if b[0] == "cuda"] == [("cuda", 4), ("cuda", 1)]
-    assert ("cpu", 4) in net.batches
-    assert "retrying with a batch of 1" in caplog.text and "retrying on the CPU" in caplog.text
+        out = sliding_window_probabilities(
+            net, volume, settings, device=torch.device("cuda"), options=options, report=report
+        )
+    assert [b for b in net.batches if b[0] == "cuda"] == [("cuda", 4), ("cuda", 2), ("cuda", 1)]
+    assert ("cpu", 2) in net.batches and report.device == "cpu"
+    for text in ("retrying with a batch of 2", "retrying with a batch of 1", "retrying on the CPU"):
+        assert text in caplog.text
+    assert len(report.notes) == 3
     np.testing.assert_allclose(out[0], torch.sigmoid(torch.tensor(2.0)).item(), atol=1e-5)
+
+
+def test_window_batch_from_free_memory():
+    assert window_batch_from_memory(10 * 2**30, 2**30, windows=100) == 8  # 80 % of 10 GiB / 1 GiB
+    assert window_batch_from_memory(10 * 2**30, 2**30, windows=3) == 3  # never more than there are windows
+    assert window_batch_from_memory(2**29, 2**30, windows=50) == 1  # at least one
+    assert window_batch_from_memory(2**40, 2**20, windows=1000) == inference.MAX_GPU_WINDOW_BATCH
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        InferenceOptions(precision="fp8")
+    with pytest.raises(ValueError, match="window_batch"):
+        InferenceOptions(window_batch=0)
+    with pytest.raises(ValueError, match="mirror_axes"):
+        InferenceOptions(mirror_axes=(0, 3))
+
+
+def test_top_two_matches_torch_on_ties_and_many_classes():
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.integers(0, 4, size=(2, 7, 5, 6, 3)).astype(np.float32))  # many ties
+    index, margin = top_two(logits, 1)
+    assert torch.equal(index.long(), logits.argmax(1))
+    top = torch.topk(logits, 2, dim=1).values
+    assert torch.equal(margin, top[:, 0] - top[:, 1])
+
+
+def lower_precision_available() -> bool:
+    return inference.low_precision_for(CPU) is not None
+
+
+def test_low_precision_matches_what_the_cpu_supports():
+    probes = [getattr(torch.cpu, n, lambda: False) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    assert (inference.low_precision_for(CPU) == torch.bfloat16) == any(p() for p in probes)
+
+
+def bright_ball(shape=(40, 40, 40), radius=12.0) -> np.ndarray:
+    grid = np.indices(shape).astype(np.float32)
+    centre = (np.array(shape) - 1) / 2
+    distance = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+    return (distance < radius).astype(np.float32)[None]
+
+
+@pytest.mark.skipif(not lower_precision_available(), reason="this CPU has no fast bfloat16")
+def test_auto_runs_a_confident_model_in_low_precision_with_the_float32_labels():
+    net = Confident()
+    volume = bright_ball() + np.random.default_rng(0).normal(0, 0.05, (1, 40, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    exact = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32)
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    assert report.precision == "bf16" and report.calibration_disagreement <= inference.DISAGREEMENT_BUDGET
+    assert report.estimated_disagreement <= inference.DISAGREEMENT_BUDGET
+    assert np.mean(out.argmax(0) == exact.argmax(0)) >= 0.9995
+    assert not np.array_equal(out, exact)  # it really ran in bfloat16
+    # the same input gives the same result, whatever ran before
+    sliding_window_probabilities(net, bright_ball(radius=5.0), settings, device=CPU)
+    np.testing.assert_array_equal(sliding_window_probabilities(net, volume, settings, device=CPU), out)
+
+
+def test_auto_runs_a_volume_of_few_windows_in_float32():
+    report = InferenceReport()
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    sliding_window_probabilities(Confident(), bright_ball((20, 16, 16), 5.0), settings, device=CPU, report=report)
+    assert report.windows == 2 and report.precision == "fp32" and report.error_bound is None
+
+
+@pytest.mark.skipif(not lower_precision_available(), reason="this CPU has no fast bfloat16")
+def test_auto_keeps_float32_for_an_unsure_model():
+    """An untrained U-Net's logits nearly tie everywhere: bfloat16 would flip labels, so auto stays in float32."""
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+    volume = np.random.default_rng(1).normal(size=(1, 40, 36, 30)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    exact = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32)
+    assert report.precision == "fp32"
+    assert report.calibration_disagreement > inference.DISAGREEMENT_BUDGET
+    assert "running in float32" in report.notes[0]
+    np.testing.assert_array_equal(out, exact)
+    forced = sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions("bf16"))
+    assert np.mean(forced.argmax(0) == exact.argmax(0)) < 1 - inference.DISAGREEMENT_BUDGET
+
+
+@pytest.mark.skipif(not lower_precision_available(), reason="this CPU has no fast bfloat16")
+def test_auto_redoes_the_run_in_float32_when_the_rest_of_the_volume_is_unsure():
+    """Confident at the centre (the trial), nearly tied elsewhere: the after-run estimate sends it back to float32."""
+    net = Confident()
+    volume = np.full((1, 64, 24, 24), 0.5, np.float32)  # exactly on the decision boundary
+    volume += np.random.default_rng(0).normal(0, 0.01, volume.shape).astype(np.float32)
+    volume[:, 24:40] = 1.0  # a confident middle, where the trial runs
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    exact = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32)
+    assert report.calibration_disagreement <= inference.DISAGREEMENT_BUDGET
+    assert report.estimated_disagreement > inference.DISAGREEMENT_BUDGET
+    assert report.precision == "fp32" and "recomputing in float32" in report.notes[-1]
+    np.testing.assert_array_equal(out, exact)
+
+
+class PositionRamp(torch.nn.Module):
+    """Adds the voxel's position in the window along x: not mirror-symmetric, so mirroring shows."""
+
+    def forward(self, x):
+        ramp = torch.arange(x.shape[2], dtype=x.dtype).reshape(1, 1, -1, 1, 1) / x.shape[2]
+        return torch.cat([torch.zeros_like(x), x + ramp], dim=1)
+
+
+def test_mirroring_averages_the_flipped_windows():
+    volume = np.random.default_rng(0).normal(size=(1, 24, 20, 20)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode="constant")
+    plain = sliding_window_probabilities(PositionRamp(), volume, settings, device=CPU, options=FP32)
+    mirrored = sliding_window_probabilities(
+        PositionRamp(), volume, settings, device=CPU, options=InferenceOptions("fp32", mirror_axes=(0, 1, 2))
+    )
+    # mirrored along x, each window's ramp averages to (16 - 1) / 32 everywhere
+    expected = torch.softmax(torch.from_numpy(np.concatenate([0 * volume, volume + 15 / 32])), 0).numpy()
+    np.testing.assert_allclose(mirrored, expected, atol=1e-5)
+    assert np.abs(plain - expected).max() > 0.05
+    counting = Counting(PositionRamp())
+    sliding_window_probabilities(
+        counting, volume, settings, device=CPU, options=InferenceOptions("fp32", window_batch=1, mirror_axes=(0, 2))
+    )
+    assert counting.windows == 4 * count_windows(volume.shape[1:], (16, 16, 16), 0.5)
+
+
+def test_gpu_window_batch_comes_from_a_probe_and_the_free_memory(monkeypatch):
+    """The GPU's batch choice, run on the CPU with CUDA's memory queries answered by a fake 80 GiB card."""
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30 + 2**30)  # 1 GiB a window
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    counting = Counting(Doubling())
+    runner = inference._Runner(counting, CPU, None, ())
+    batch = inference._choose_window_batch(runner, torch.zeros(1, 1, 8, 8, 8), torch.device("cuda"), 100)
+    assert batch == 8 and counting.windows == 1  # one probe window, then 80 % of the free 10 GiB
+    assert inference._choose_window_batch(runner, torch.zeros(1, 1, 8, 8, 8), CPU, 100) == inference.CPU_WINDOW_BATCH
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_gpu_low_precision_is_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert inference.low_precision_for(torch.device("cuda")) == expected
+
+
+def test_half_precision_output_matches_float32():
+    """Large outputs are kept in float16; on the CPU that takes the slab accumulator path, with the same result."""
+    volume = np.random.default_rng(3).normal(size=(1, 30, 26, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    full = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
+    half = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, out_dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half, full, atol=1e-3)

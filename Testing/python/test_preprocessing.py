@@ -59,7 +59,7 @@ def test_reorientation_keeps_every_voxel_at_its_physical_point(direction):
     _, record = preprocess([image], spec)
     on_network = label_to_network_grid(label, record)
     network_label = sitk.GetImageFromArray(on_network.transpose(2, 1, 0))
-    network_label.CopyInformation(record.network_reference)
+    record.network_reference.apply(network_label)
     for value in (1, 2, 3):
         np.testing.assert_allclose(
             physical_points_of_label(network_label, value), physical_points_of_label(label, value), atol=1e-6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -178,3 +180,34 @@ def test_a_failed_labelmap_write_removes_the_probabilities_too(tmp_path, blob_im
     with pytest.raises(OutputError, match="disk full"):
         segmenter.segment_files([source], tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_preview_is_marked_runs_fewer_windows_and_stays_on_the_input_grid(tmp_path, blob_image):
+    model = threshold_model(tmp_path, orientation="RAS", spacing=[1.0, 1.0, 1.0])
+    model.card = dataclasses.replace(model.card, inference=dataclasses.replace(model.card.inference, overlap=0.5))
+    segmenter = Segmenter(model, device="cpu")
+    full = segmenter.segment(blob_image)
+    preview = segmenter.segment(blob_image, preview=True)
+    assert preview.preview and not full.preview
+    assert preview.inference.windows < full.inference.windows
+    assert preview.labelmap.GetSize() == blob_image.GetSize()
+    assert preview.labelmap.GetOrigin() == blob_image.GetOrigin()
+    # a voxel-wise model: the preview differs only where nearest neighbour and linear interpolation disagree
+    a, b = sitk.GetArrayFromImage(full.labelmap), sitk.GetArrayFromImage(preview.labelmap)
+    assert 0.97 < np.mean(a == b) < 1.0
+    assert preview.statistics[0].voxels == pytest.approx(full.statistics[0].voxels, rel=0.25)
+
+
+def test_restored_argmax_equals_the_argmax_of_restored_probabilities(tmp_path, blob_image):
+    from medseg.models.card import Preprocessing
+    from medseg.postprocessing import restore_argmax, restore_probabilities
+    from medseg.preprocessing import preprocess
+
+    spec = Preprocessing(orientation="LPS", spacing=(1.3, 0.9, 2.0))
+    _, record = preprocess([blob_image], spec, roi=IndexBox((2, 3, 1), (15, 18, 12)))
+    rng = np.random.default_rng(0)
+    size = record.network_reference.GetSize()
+    probabilities = rng.dirichlet([1.0, 1.0, 1.0], size=size).transpose(3, 0, 1, 2).astype(np.float32)
+    probabilities[:, : size[0] // 2] = np.round(probabilities[:, : size[0] // 2], 1)  # ties, resolved as argmax
+    restored = restore_probabilities(probabilities, record)
+    np.testing.assert_array_equal(restore_argmax(probabilities, record), restored.argmax(0))

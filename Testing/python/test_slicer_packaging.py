@@ -49,7 +49,7 @@ def parameter_fields() -> dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign)}
 
 
-def test_ui_parameter_bindings_name_wrapper_fields_of_the_combo_boxes_node_type():
+def test_ui_parameter_bindings_name_wrapper_fields_of_the_right_widgets():
     fields = parameter_fields()
     bound = {}
     for name, widget in ui_widgets().items():
@@ -57,11 +57,14 @@ def test_ui_parameter_bindings_name_wrapper_fields_of_the_combo_boxes_node_type(
             if prop.get("name") == "SlicerParameterName":
                 bound[name] = prop.find("string").text
     assert set(bound.values()) <= set(fields), set(bound.values()) - set(fields)
-    assert len(bound) == 7
+    assert len(bound) == 10
     for name, parameter in bound.items():
         widget = ui_widgets()[name]
         if fields[parameter] == "float":  # a number: bound to a slider
             assert widget.get("class") == "ctkSliderWidget", name
+            continue
+        if fields[parameter] == "bool":  # a switch: bound to a check box
+            assert widget.get("class") == "QCheckBox", name
             continue
         assert widget.get("class") == "qMRMLNodeComboBox"
         node_types = [s.text for s in widget.find("property[@name='nodeTypes']").iter("string")]

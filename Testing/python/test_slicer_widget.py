@@ -79,6 +79,15 @@ def test_module_registers_the_sample_and_the_widget_segments_refines_and_cancels
     assert not widget.timer.active and ui.statusLabel.text.startswith("Cancelled")
     assert module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
     assert ui.applyButton.text == "Apply" and ui.applyButton.enabled
+
+    widget._parameterNode.preview = True  # the Outputs section's "Fast preview" box
+    widget._parameterNode.fullPrecision = True
+    widget.onApplyButton()
+    run_until_done(widget)
+    assert module.recorder.errors == []
+    assert ui.statusLabel.text.startswith("PREVIEW") and "(fp32)" in ui.statusLabel.text
+    preview = widget._parameterNode.outputSegmentation
+    assert "preview" in preview.GetName() and preview.GetSegmentation().GetNthSegment(0).GetName().endswith("(preview)")
     widget.cleanup()
 
 
