@@ -10,14 +10,15 @@ plain MONAI's to rounding. What differs is how the work is done:
 * **Window batches** that keep oneDNN on its fast path on the CPU (PyTorch runs a single 3D window through a much
   slower im2col convolution), and on a GPU a batch chosen from the free memory after a probe.
 * **Precision.** ``fp32``, ``bf16`` or ``fp16`` autocast, or ``auto``: the low precision the device runs fast
-  (bf16 on CPUs with AMX/AVX-512-BF16, bf16 or fp16 on GPUs), *checked against float32*. The window nearest the
-  centre runs in both precisions. If the low precision changed more than :data:`DISAGREEMENT_BUDGET` of its
-  labels (an unsure model: an untrained one, whose logits nearly tie everywhere), the run is float32. Otherwise
-  the rest runs in low precision; the largest margin change seen in the trial is the error bound, and after
-  blending the voxels within that bound of a tie, times the trial's label flips per such voxel, estimate how
-  many labels could differ from float32. Above the budget, the run is redone in float32. A trained model runs at
-  low-precision speed and agrees with float32 in all but a few voxels in 10 000. The trial runs on every input,
-  so a result depends only on the input, the model, the device and the options, never on earlier runs.
+  (bf16 on CPUs with AMX/AVX-512-BF16, bf16 or fp16 on GPUs), *checked against float32*. The window batch
+  nearest the centre runs in both precisions (and keeps its float32 logits). If the low precision changed more
+  than :data:`DISAGREEMENT_BUDGET` of its labels (an unsure model: an untrained one, whose logits nearly tie
+  everywhere), the run is float32. Otherwise the rest runs in low precision; the largest margin change seen in
+  the trial is the error bound, and after blending the voxels within that bound of a tie, times the trial's label
+  flips per such voxel, estimate how many labels could differ from float32. Above the budget, the run is redone
+  in float32. A trained model runs at low-precision speed and agrees with float32 in all but a few voxels in
+  10 000. The trial runs on every input, so a result depends only on the input, the model, the device and the
+  options, never on earlier runs.
 * **Slab streaming.** Windows run in order along the volume's longest axis; the part of the volume no later
   window touches is finished (normalised, softmax) at once. On a GPU only a slab of C × window-depth voxels
   accumulates on the device and finished slabs go to the host (in ``out_dtype``, float16 halves it), so there is
@@ -355,7 +356,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         if options.precision == "auto" and low is not None and len(groups) < MIN_GROUPS_FOR_TRIAL:
             runner, report.precision = fp32, "fp32"  # the trial would cost more than low precision saves
         elif options.precision == "auto" and low is not None:
-            group, _ = _central_window(groups, padded_shape, roi)
+            group = _central_group(groups, padded_shape, roi)
             calibration, known[group] = _calibrate(stacked(groups[group]), fp32, runner)
             release_memory()  # the float32 trial's activations: give them back before the batches allocate theirs
             report.error_bound = calibration.bound
@@ -410,12 +411,12 @@ class _Calibration:
     flips_per_risk: float  #: labels that differed per voxel within ``bound`` of a tie (at least one voxel's worth)
 
 
-def _central_window(groups, shape, roi) -> tuple[int, int]:
-    """(batch, position) of the window nearest the volume's centre: the trial should see anatomy, not air."""
+def _central_group(groups, shape, roi) -> int:
+    """The window batch holding the window nearest the volume's centre: the trial should see anatomy, not air."""
     centre = np.array(shape) / 2
     return min(
-        ((i, j) for i, group in enumerate(groups) for j in range(len(group))),
-        key=lambda ij: float(np.linalg.norm(np.array(groups[ij[0]][ij[1]]) + np.array(roi) / 2 - centre)),
+        range(len(groups)),
+        key=lambda i: min(float(np.linalg.norm(np.array(s) + np.array(roi) / 2 - centre)) for s in groups[i]),
     )
 
 
