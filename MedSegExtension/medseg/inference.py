@@ -21,8 +21,9 @@ plain MONAI's to rounding. What differs is how the work is done:
   options, never on earlier runs.
 * **Slab streaming.** Windows run in order along the volume's longest axis; the part of the volume no later
   window touches is finished (normalised, softmax) at once. On a GPU only a slab of C × window-depth voxels
-  accumulates on the device and finished slabs go to the host (in ``out_dtype``, float16 halves it), so there is
-  no C × X × Y × Z float32 buffer on the GPU; on the CPU the logits accumulate in the output array itself.
+  accumulates on the device and finished slabs go to the host (in ``out_dtype``, float16 halves it) through pinned
+  memory, the copy overlapping the next windows' work, so there is no C × X × Y × Z float32 buffer on the GPU; on
+  the CPU the logits accumulate in the output array itself. The input goes to the GPU once, from pinned memory.
 * **Cached blending weights** per window size and mode.
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
   averaged, as nnU-Net does. Off by default.
@@ -463,6 +464,7 @@ class _SlabStream:
         spans = [max(s[axis] for s in g) - min(s[axis] for s in g) for g in groups]
         self.depth = min(shape[axis], max(spans) + roi[axis])
         self.out: np.ndarray | None = None
+        self._pending: list = []  # (target slices, host tensor, CUDA event) of slabs still being copied
 
     def run(self, compute, control: RunControl) -> float:
         """Blend every batch ``compute(index, group)`` returns; the fraction of voxels within the error bound."""
@@ -491,7 +493,28 @@ class _SlabStream:
                     norm[region].add_(self.weights)
             control.report("inference", (index + 1) / len(self.groups))
         at_risk += self._flush(acc, norm, start, self.shape[self.axis] - start)
-        return at_risk / float(np.prod(self.shape))
+        self._drain(keep=0)
+        return float(at_risk) / float(np.prod(self.shape))
+
+    def _copy_out(self, probabilities: torch.Tensor, target: tuple[slice, ...]) -> None:
+        """Start copying a finished slab to the host; on a GPU the copy overlaps the next windows' work."""
+        dtype = torch.from_numpy(np.zeros(0, self.out_dtype)).dtype
+        cuda = probabilities.device.type == "cuda"
+        host = torch.empty(probabilities.shape, dtype=dtype, pin_memory=cuda)
+        host.copy_(probabilities.to(dtype), non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((target, host, event))
+        self._drain(keep=1)  # at most one copy in flight
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            target, host, event = self._pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            self.out[target] = host.numpy()
 
     def _buffers(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         classes = logits.shape[1]
@@ -524,11 +547,10 @@ class _SlabStream:
             logits = acc[self._along(start, start + length, True)]
             logits.div_(weights)
         bound = None if self.calibration is None else self.calibration.bound
-        risky = int((top_two_margin(logits, 0) < bound).sum()) if bound is not None else 0
+        risky = (top_two_margin(logits, 0) < bound).sum() if bound is not None else 0  # summed on the device
         probabilities = torch.softmax(logits, dim=0)
         if self.device_slab:
-            target = self.out[self._along(start, start + length, True)]
-            target[...] = probabilities.cpu().numpy().astype(self.out_dtype, copy=False)
+            self._copy_out(probabilities, self._along(start, start + length, True))
         else:
             logits.copy_(probabilities)
         del probabilities

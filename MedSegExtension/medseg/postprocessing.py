@@ -85,6 +85,87 @@ def restore_argmax(probabilities: np.ndarray, record: PreprocessRecord) -> np.nd
     return labels
 
 
+def _axis_maps(record: PreprocessRecord) -> list[tuple[int, float, float]] | None:
+    """For each axis j of the cropped input grid: (network axis, scale, offset) with u = scale * i + offset.
+
+    ``u`` is the continuous index on the (uncropped) network grid of input index ``i``. None when the two grids are
+    not axis-aligned with each other (then only a general resampler will do).
+    """
+    net, inp = record.resampled_reference, record.cropped_reference
+    d_net = np.array(net.GetDirection()).reshape(3, 3)
+    d_in = np.array(inp.GetDirection()).reshape(3, 3)
+    matrix = (d_net.T @ d_in * np.array(inp.GetSpacing())) / np.array(net.GetSpacing())[:, None]
+    offset = d_net.T @ (np.array(inp.GetOrigin()) - np.array(net.GetOrigin())) / np.array(net.GetSpacing())
+    maps = []
+    for j in range(3):
+        column = np.abs(matrix[:, j])
+        a = int(np.argmax(column))
+        if np.sum(column > 1e-6 * column[a]) != 1:
+            return None
+        maps.append((a, float(matrix[a, j]), float(offset[a])))
+    if sorted(a for a, _, _ in maps) != [0, 1, 2]:
+        return None
+    return maps
+
+
+def _interpolate_axis(values, axis: int, coords, torch):
+    """Linear interpolation of ``values`` along ``axis`` at continuous indices ``coords``, clamped at the border.
+
+    Clamping the neighbours gives ITK's linear interpolator at the half-voxel margin of the grid.
+    """
+    size = values.shape[axis]
+    low = torch.floor(coords)
+    weight = (coords - low).to(values.dtype)
+    low = low.long()
+    i0 = low.clamp(0, size - 1)
+    i1 = (low + 1).clamp(0, size - 1)
+    shape = [1] * values.dim()
+    shape[axis] = -1
+    weight = weight.reshape(shape)
+    return values.index_select(axis, i0) * (1 - weight) + values.index_select(axis, i1) * weight
+
+
+def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, device) -> np.ndarray:
+    """:func:`restore_argmax` computed with torch on ``device`` (a GPU: the K resamplings are the costly part).
+
+    One class at a time goes to the device, is interpolated axis by axis (the grids differ by a permutation,
+    flips and spacings only) and feeds a running maximum there; only the uint8 labels come back. Grids that are not
+    axis-aligned with each other fall back to :func:`restore_argmax`.
+    """
+    import torch
+
+    maps = _axis_maps(record)
+    if maps is None:
+        return restore_argmax(probabilities, record)
+    out_size = record.cropped_reference.GetSize()
+    net_size = record.resampled_reference.GetSize()
+    coords, inside = [], None
+    for j, (axis, scale, offset) in enumerate(maps):
+        u = torch.arange(out_size[j], dtype=torch.float64, device=device) * scale + offset
+        valid = (u >= -0.5) & (u <= net_size[axis] - 0.5)
+        coords.append(u)
+        shape = [1, 1, 1]
+        shape[j] = -1
+        inside = valid.reshape(shape) if inside is None else inside & valid.reshape(shape)
+    order = [a for a, _, _ in maps]
+    best = labels = None
+    with torch.inference_mode():
+        for k, channel in enumerate(probabilities):
+            fill = 1.0 if k == 0 else 0.0
+            channel = _uncrop_foreground(channel[None], record, [fill])[0]
+            values = torch.from_numpy(np.ascontiguousarray(channel)).to(device).float().permute(*order)
+            for j in range(3):
+                values = _interpolate_axis(values, j, coords[j], torch)
+            values = torch.where(inside, values, torch.tensor(fill, dtype=values.dtype, device=device))
+            if best is None:
+                best, labels = values, torch.zeros(values.shape, dtype=torch.uint8, device=device)
+                continue
+            better = values > best
+            labels.masked_fill_(better, k)
+            best = torch.maximum(best, values)
+    return _paste_roi(labels.cpu().numpy(), record, 0)
+
+
 def restore_label_array(labels: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """A (X, Y, Z) labelmap from the network grid on the input grid (nearest neighbour), uint8 (X, Y, Z)."""
     labels = _uncrop_foreground(labels[None].astype(np.uint8), record, [0])[0]

@@ -39,6 +39,7 @@ from .postprocessing import (
     label_statistics,
     labels_to_image,
     restore_argmax,
+    restore_argmax_on,
     restore_label_array,
     restore_probabilities,
 )
@@ -105,6 +106,18 @@ class Segmenter:
         if precision == "auto":
             precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low_precision_for(self.device)]
         return InferenceOptions(precision=precision, window_batch=self.inference.window_batch)
+
+    def _restore_labels(self, probabilities, record, report: InferenceReport):
+        """Labels on the input grid: on the GPU when inference ran there (K resamplings), else with SimpleITK."""
+        if self.device.type == "cuda":
+            try:
+                return restore_argmax_on(probabilities, record, self.device)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                message = "GPU out of memory while mapping the result back to the input grid; doing it on the CPU"
+                logger.warning(message)
+                report.notes.append(message)
+        return restore_argmax(probabilities, record)
 
     def check_channels(self, images: Sequence[sitk.Image], paths: Sequence[str | Path] | None = None) -> None:
         expected = len(self.card.channels)
@@ -190,7 +203,7 @@ class Segmenter:
             network_labels = top_two(torch.from_numpy(probabilities), 0)[0].numpy()
             labels = restore_label_array(network_labels, record)
         else:  # one class at a time: the input-grid memory is one channel, its running maximum and the labels
-            labels = restore_argmax(probabilities, record)
+            labels = self._restore_labels(probabilities, record, report)
         del probabilities
         seconds["postprocessing"] = time.perf_counter() - start
         if refine is not None:

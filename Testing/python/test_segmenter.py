@@ -211,3 +211,57 @@ def test_restored_argmax_equals_the_argmax_of_restored_probabilities(tmp_path, b
     probabilities[:, : size[0] // 2] = np.round(probabilities[:, : size[0] // 2], 1)  # ties, resolved as argmax
     restored = restore_probabilities(probabilities, record)
     np.testing.assert_array_equal(restore_argmax(probabilities, record), restored.argmax(0))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
+@pytest.mark.parametrize(
+    ("orientation", "spacing", "roi"),
+    [("RAS", (1.3, 0.9, 2.0), None), ("LPS", None, IndexBox((2, 3, 1), (15, 18, 12))), ("RAS", (1.0, 1.0, 1.0), None)],
+)
+def test_the_device_restore_gives_the_simpleitk_labels(blob_image, direction, orientation, spacing, roi):
+    """The GPU's way of mapping labels back (torch, axis by axis), run here on the CPU, against SimpleITK's."""
+    import torch
+    from medseg.models.card import Preprocessing
+    from medseg.postprocessing import restore_argmax, restore_argmax_on
+    from medseg.preprocessing import preprocess
+
+    image = with_direction(blob_image, direction)
+    _, record = preprocess([image], Preprocessing(orientation=orientation, spacing=spacing), roi=roi)
+    size = record.network_reference.GetSize()
+    probabilities = np.random.default_rng(0).dirichlet([1.0] * 3, size=size).transpose(3, 0, 1, 2)
+    probabilities = probabilities.astype(np.float32)
+    np.testing.assert_array_equal(
+        restore_argmax_on(probabilities, record, torch.device("cpu")), restore_argmax(probabilities, record)
+    )
+
+
+def test_an_out_of_memory_gpu_restore_falls_back_to_the_cpu(tmp_path, blob_image, monkeypatch, caplog):
+    import torch
+    from medseg import segmenter as segmenter_module
+
+    segmenter = Segmenter(threshold_model(tmp_path, spacing=[1.0, 1.0, 1.0]), device="cpu")
+    expected = sitk.GetArrayFromImage(segmenter.segment(blob_image).labelmap)
+    segmenter.device = torch.device("cuda")  # only the restore step reads it below
+
+    def no_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(segmenter_module, "restore_argmax_on", no_memory)
+    monkeypatch.setattr(segmenter_module, "sliding_window_probabilities", _cpu_inference(segmenter_module))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with caplog.at_level("WARNING", logger="medseg.segmenter"):
+        result = segmenter.segment(blob_image)
+    assert "doing it on the CPU" in caplog.text and "doing it on the CPU" in result.inference.notes[-1]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labelmap), expected)
+
+
+def _cpu_inference(module):
+    import torch
+
+    real = module.sliding_window_probabilities
+
+    def on_cpu(*args, **kwargs):
+        kwargs["device"] = torch.device("cpu")
+        return real(*args, **kwargs)
+
+    return on_cpu
