@@ -108,23 +108,6 @@ def _axis_maps(record: PreprocessRecord) -> list[tuple[int, float, float]] | Non
     return maps
 
 
-def _interpolate_axis(values, axis: int, coords, torch):
-    """Linear interpolation of ``values`` along ``axis`` at continuous indices ``coords``, clamped at the border.
-
-    Clamping the neighbours gives ITK's linear interpolator at the half-voxel margin of the grid.
-    """
-    size = values.shape[axis]
-    low = torch.floor(coords)
-    weight = (coords - low).to(values.dtype)
-    low = low.long()
-    i0 = low.clamp(0, size - 1)
-    i1 = (low + 1).clamp(0, size - 1)
-    shape = [1] * values.dim()
-    shape[axis] = -1
-    weight = weight.reshape(shape)
-    return values.index_select(axis, i0) * (1 - weight) + values.index_select(axis, i1) * weight
-
-
 def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, device) -> np.ndarray:
     """:func:`restore_argmax` computed with torch on ``device`` (a GPU: the K resamplings are the costly part).
 
@@ -134,29 +117,20 @@ def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, devic
     """
     import torch
 
+    from .resampling import AxisAlignedResampler
+
     maps = _axis_maps(record)
     if maps is None:
         return restore_argmax(probabilities, record)
-    out_size = record.cropped_reference.GetSize()
-    net_size = record.resampled_reference.GetSize()
-    coords, inside = [], None
-    for j, (axis, scale, offset) in enumerate(maps):
-        u = torch.arange(out_size[j], dtype=torch.float64, device=device) * scale + offset
-        valid = (u >= -0.5) & (u <= net_size[axis] - 0.5)
-        coords.append(u)
-        shape = [1, 1, 1]
-        shape[j] = -1
-        inside = valid.reshape(shape) if inside is None else inside & valid.reshape(shape)
-    order = [a for a, _, _ in maps]
+    resample = AxisAlignedResampler(
+        maps, record.resampled_reference.GetSize(), record.cropped_reference.GetSize(), device
+    )
     best = labels = None
     with torch.inference_mode():
         for k, channel in enumerate(probabilities):
             fill = 1.0 if k == 0 else 0.0
             channel = _uncrop_foreground(channel[None], record, [fill])[0]
-            values = torch.from_numpy(np.ascontiguousarray(channel)).to(device).float().permute(*order)
-            for j in range(3):
-                values = _interpolate_axis(values, j, coords[j], torch)
-            values = torch.where(inside, values, torch.tensor(fill, dtype=values.dtype, device=device))
+            values = resample(torch.from_numpy(np.ascontiguousarray(channel)).to(device).float(), fill)
             if best is None:
                 best, labels = values, torch.zeros(values.shape, dtype=torch.uint8, device=device)
                 continue

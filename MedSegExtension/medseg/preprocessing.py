@@ -155,25 +155,40 @@ def crop(image: sitk.Image, box: IndexBox) -> sitk.Image:
     return sitk.RegionOfInterest(image, box.size, box.start)
 
 
+def resampled_geometry(image: sitk.Image, spacing: Sequence[float]) -> Geometry:
+    """The grid of ``spacing`` (mm, x y z) over ``image``'s extent, with its origin and direction."""
+    old_size = np.array(image.GetSize())
+    new_size = np.maximum(np.round(old_size * np.array(image.GetSpacing()) / np.array(spacing, dtype=float)), 1)
+    return Geometry(
+        tuple(int(s) for s in new_size),
+        tuple(float(s) for s in spacing),
+        tuple(image.GetOrigin()),
+        tuple(image.GetDirection()),
+    )
+
+
 def resample_to_spacing(
     image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear
 ) -> sitk.Image:
     """Resample ``image`` to ``spacing`` (mm, x y z) over the same physical extent, keeping origin and direction."""
-    old_spacing = np.array(image.GetSpacing())
-    old_size = np.array(image.GetSize())
-    new_spacing = np.array(spacing, dtype=float)
-    new_size = np.maximum(np.round(old_size * old_spacing / new_spacing), 1).astype(int)
-    return sitk.Resample(
-        image,
-        [int(s) for s in new_size],
-        sitk.Transform(),
-        interpolator,
-        image.GetOrigin(),
-        [float(s) for s in new_spacing],
-        image.GetDirection(),
-        0.0,
-        image.GetPixelID(),
-    )
+    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0)
+
+
+def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) -> np.ndarray:
+    """:func:`resample_to_spacing` (linear) with torch on ``device``, as a (X, Y, Z) float32 array.
+
+    Same grid and, to float rounding, the same values as SimpleITK's; used when the network runs on a GPU.
+    """
+    import torch
+
+    from .resampling import AxisAlignedResampler
+
+    target = resampled_geometry(image, spacing)
+    maps = [(j, float(spacing[j]) / float(image.GetSpacing()[j]), 0.0) for j in range(3)]
+    resample = AxisAlignedResampler(maps, image.GetSize(), target.size, device)
+    with torch.inference_mode():
+        values = torch.from_numpy(image_to_network_array(image)).to(device)
+        return resample(values).cpu().numpy()
 
 
 def needs_resampling(image: sitk.Image, spacing: Sequence[float] | None) -> bool:
@@ -242,8 +257,11 @@ def preprocess(
     spec: Preprocessing,
     *,
     roi: IndexBox | None = None,
+    device=None,
 ) -> tuple[np.ndarray, PreprocessRecord]:
     """Turn the input channels (all on one grid) into the network's (C, X, Y, Z) float32 array.
+
+    With a torch ``device`` (MedSeg passes its GPU), the resampling to the card's spacing runs there.
 
     Returns:
         The array and the record :func:`medseg.postprocessing.restore_to_input_grid` needs to undo the steps.
@@ -256,10 +274,14 @@ def preprocess(
     original_orientation = orientation_code(images[0])
     images = [reorient(sitk.Cast(image, sitk.sitkFloat32), spec.orientation) for image in images]
     resampled = needs_resampling(images[0], spec.spacing)
-    if resampled:
-        images = [resample_to_spacing(image, spec.spacing) for image in images]
-    resampled_reference = Geometry.of(images[0])
-    arrays = [image_to_network_array(image) for image in images]
+    if resampled and device is not None:
+        arrays = [resample_to_spacing_on(image, spec.spacing, device) for image in images]
+        resampled_reference = resampled_geometry(images[0], spec.spacing)
+    else:
+        if resampled:
+            images = [resample_to_spacing(image, spec.spacing) for image in images]
+        resampled_reference = Geometry.of(images[0])
+        arrays = [image_to_network_array(image) for image in images]
     box = foreground_box(arrays[0]) if spec.crop == "foreground" else None
     network_reference = resampled_reference
     if box is not None:

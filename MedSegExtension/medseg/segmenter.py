@@ -171,7 +171,8 @@ class Segmenter:
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         control.report("preprocessing", 0.0)
-        volume, record = preprocess(images, self.card.preprocessing, roi=roi)
+        on_gpu = self.device if self.device.type == "cuda" else None  # SimpleITK is as fast on the CPU
+        volume, record = preprocess(images, self.card.preprocessing, roi=roi, device=on_gpu)
         guide = images[0] if refine is not None else None  # the graph cut's intensities; nothing else needs them
         del images
         release_memory()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import DIRECTIONS, physical_points_of_label
+from helpers import DIRECTIONS, physical_points_of_label, with_direction
 from medseg.models.card import Normalization, Preprocessing
 from medseg.postprocessing import restore_labels, restore_probabilities
 from medseg.preprocessing import (
@@ -158,3 +158,17 @@ def test_network_array_is_x_y_z():
     array = image_to_network_array(image)
     assert array.shape == (4, 5, 6)
     assert array[3, 1, 2] == 7.0
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
+@pytest.mark.parametrize("spacing", [(1.3, 0.9, 2.0), (1.0, 1.0, 1.0), (0.5, 2.2, 3.1)])
+def test_the_device_resampling_gives_simpleitks_network_input(blob_image, direction, spacing):
+    """The GPU's resampling (torch, axis by axis), run here on the CPU, against SimpleITK's."""
+    import torch
+
+    image = with_direction(blob_image, direction)
+    spec = Preprocessing(orientation="RAS", spacing=spacing)
+    expected, expected_record = preprocess([image], spec, roi=IndexBox((1, 2, 0), (17, 20, 14)))
+    volume, record = preprocess([image], spec, roi=IndexBox((1, 2, 0), (17, 20, 14)), device=torch.device("cpu"))
+    assert record == expected_record
+    np.testing.assert_allclose(volume, expected, atol=1e-4)

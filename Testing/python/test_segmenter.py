@@ -241,7 +241,9 @@ def test_an_out_of_memory_gpu_restore_falls_back_to_the_cpu(tmp_path, blob_image
 
     segmenter = Segmenter(threshold_model(tmp_path, spacing=[1.0, 1.0, 1.0]), device="cpu")
     expected = sitk.GetArrayFromImage(segmenter.segment(blob_image).labelmap)
-    segmenter.device = torch.device("cuda")  # only the restore step reads it below
+    segmenter.device = torch.device("cuda")  # only the restore step sees it: the other stages stay on the CPU
+    real_preprocess = segmenter_module.preprocess
+    monkeypatch.setattr(segmenter_module, "preprocess", lambda *a, device=None, **k: real_preprocess(*a, **k))
 
     def no_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
