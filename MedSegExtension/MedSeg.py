@@ -84,7 +84,7 @@ class MedSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     model: str = ""  #: a model id, or the path of a model folder the user added
     device: str = "auto"
-    preview: bool = False  #: fast, lower-resolution preview, marked as such
+    preview: bool = False  #: the engine's quick look (no window overlap, labels at the network's resolution)
     fullPrecision: bool = False  #: float32 only, never the verified bf16/fp16 of the default
     testTimeAugmentation: bool = False  #: mirror each window 8 ways
     refineSmoothness: float = 1.0

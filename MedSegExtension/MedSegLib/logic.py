@@ -131,7 +131,7 @@ class SegmentationJob:
         preview: bool = False,
     ) -> None:
         self.scene = scene
-        self.preview = preview  #: a lower-resolution preview: node and segment names say so
+        self.preview = preview  #: the engine's quick look: node and segment names say so
         self.probabilities: np.ndarray | None = None  #: (C, z, y, x) float16 on the input grid, after finish()
         self.inputVolumes = list(inputVolumes)
         self.card = card
@@ -361,9 +361,9 @@ class MedSegLogic:
     ) -> SegmentationJob:
         """Check the inputs and start the engine; returns at once with a running :class:`SegmentationJob`.
 
-        ``preview`` runs at half the model's resolution (faster, coarser; the segments' names say "preview");
-        ``precision`` is the engine's (``auto``, ``fp32``, ``bf16``, ``fp16``); ``testTimeAugmentation`` mirrors
-        each window 8 ways.
+        ``preview`` is the engine's quick look (``medseg segment --preview``; the node's and segments' names say
+        "preview"); ``precision`` is the engine's (``auto``, ``fp32``, ``bf16``, ``fp16``);
+        ``testTimeAugmentation`` mirrors each window 8 ways.
         """
         volumes = [inputVolumes] if not isinstance(inputVolumes, (list, tuple)) else list(inputVolumes)
         folder, card = self.resolveModel(model)

@@ -130,9 +130,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
-def _inference_options(parser: argparse.ArgumentParser) -> None:
-    from .inference import PRECISIONS
+#: ``medseg.inference.PRECISIONS``, repeated so that parsing the command line does not import torch (a test checks)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+
+def _inference_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference")
     group.add_argument(
         "--precision",

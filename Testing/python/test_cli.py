@@ -283,3 +283,14 @@ def test_bad_inference_options_are_clear_errors(tmp_path, scan, tiny_model, caps
         run([*base, "--precision", "fp8"], capsys)
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_parsing_the_command_line_does_not_import_torch_and_knows_every_precision():
+    code = (
+        "import sys; from medseg.cli import _parser, PRECISIONS; _parser().parse_args(['models']); "
+        "print('torch' in sys.modules, ','.join(PRECISIONS))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", check=True)
+    from medseg.inference import PRECISIONS
+
+    assert done.stdout.split() == ["False", ",".join(PRECISIONS)]

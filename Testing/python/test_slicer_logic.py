@@ -543,3 +543,10 @@ def test_the_same_stroke_given_to_another_segment_is_not_mixed_up_with_the_earli
     assert labelmap_of(node, volume)[voxel] == 1
     logic.refine(node, volume, targetSegmentId="label_2", foregroundStrokeSegmentId="stroke")
     assert labelmap_of(node, volume)[voxel] == 2
+
+
+def test_the_logic_knows_the_engines_precisions():
+    from medseg.inference import PRECISIONS
+    from MedSegLib import logic
+
+    assert logic.PRECISIONS == PRECISIONS
