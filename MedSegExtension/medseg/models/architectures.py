@@ -27,10 +27,25 @@ def _monai_network(class_name: str) -> Callable[..., torch.nn.Module]:
     return build
 
 
+def _medseg_network(class_name: str) -> Callable[..., torch.nn.Module]:
+    """A factory for one of the engine's own networks (:mod:`medseg.models.networks`, built from MONAI's blocks)."""
+
+    def build(**kwargs: Any) -> torch.nn.Module:
+        from . import networks
+
+        return getattr(networks, class_name)(spatial_dims=3, **kwargs)
+
+    build.__name__ = class_name
+    return build
+
+
 #: Card name -> factory. Extending the list is a code change reviewed like any other, never a model file.
 ARCHITECTURES: dict[str, Callable[..., torch.nn.Module]] = {
-    name: _monai_network(name)
-    for name in ("UNet", "BasicUNet", "AttentionUnet", "SegResNet", "DynUNet", "UNETR", "SwinUNETR")
+    **{
+        name: _monai_network(name)
+        for name in ("UNet", "BasicUNet", "AttentionUnet", "SegResNet", "DynUNet", "UNETR", "SwinUNETR")
+    },
+    **{name: _medseg_network(name) for name in ("SEUNet", "DeepLab3D", "FCN3D")},
 }
 
 
