@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import platform
 import shutil
 import tempfile
@@ -54,9 +55,58 @@ class TrainConfig:
     threads: int = 0  #: torch CPU threads; 0 keeps PyTorch's default
     device: str = "auto"
     augmentation: Augmentation = field(default_factory=Augmentation)
+    loss: str = "dice_ce"  #: one of LOSSES
+    optimizer: str = "adamw"  #: one of OPTIMIZERS
+    momentum: float = 0.99  #: SGD's (Nesterov) momentum, nnU-Net's value
+    schedule: str = "poly"  #: one of SCHEDULES: polynomial decay (power 0.9, as nnU-Net) or cosine
 
 
 KNOWN_KEYS = set(TrainConfig.__dataclass_fields__)
+LOSSES = ("ce", "dice", "dice_ce", "dice_focal")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("poly", "cosine")
+
+
+def check_choices(config: TrainConfig, source: str) -> None:
+    """Refuse an unknown loss, optimiser or schedule before any data is read."""
+    for key, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        value = getattr(config, key)
+        if value not in choices:
+            raise ValueError(f"{source}: unknown {key} {value!r}; choose one of {', '.join(choices)}")
+
+
+def make_loss(name: str):
+    """The loss on (B, K, ...) logits and (B, 1, ...) integer labels."""
+    from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+
+    if name == "ce":
+        cross_entropy = torch.nn.CrossEntropyLoss()
+        return lambda logits, labels: cross_entropy(logits, labels[:, 0])
+    if name == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True)
+    if name == "dice_focal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            nesterov=True,
+            weight_decay=config.weight_decay,
+        )
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    total = max(total_steps, 1)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(1 - step / total, 0.0) ** 0.9)
 
 
 @dataclass
@@ -87,6 +137,7 @@ def load_config(path: str | Path) -> TrainConfig:
     augmentation = Augmentation(**data.pop("augmentation", {}))
     config = TrainConfig(**data, augmentation=augmentation)
     config.patch_size = tuple(config.patch_size)
+    check_choices(config, str(path))
     base = path.parent
     for key in ("dataset", "output"):
         value = Path(getattr(config, key))
@@ -176,8 +227,8 @@ def train(config: TrainConfig, *, command: str = "python -m training CONFIG") ->
     """
     from medseg.inference import select_device
     from medseg.models.architectures import build_network
-    from monai.losses import DiceCELoss
 
+    check_choices(config, "the training config")
     started = time.time()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -208,12 +259,10 @@ def train(config: TrainConfig, *, command: str = "python -m training CONFIG") ->
         out_channels=card.num_classes,
         kwargs=card.network.kwargs,
     ).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, network.parameters())
     steps_per_epoch = len(train_cases) // config.batch_size
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (1 - step / (config.epochs * steps_per_epoch)) ** 0.9
-    )
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    schedule = make_schedule(config, optimizer, config.epochs * steps_per_epoch)
+    loss_fn = make_loss(config.loss)
     best = (-1.0, 0, None)
     history = []
     for epoch in range(1, config.epochs + 1):
@@ -279,6 +328,10 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
             "batch_size": config.batch_size,
             "patch_size": list(config.patch_size),
             "learning_rate": config.learning_rate,
+            "loss": config.loss,
+            "optimizer": config.optimizer,
+            "schedule": config.schedule,
+            "weight_decay": config.weight_decay,
             "augmentation": config.augmentation.__dict__,
             "training_seconds": run.provenance["training_seconds"],
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {run.provenance['device']}",

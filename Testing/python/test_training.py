@@ -115,3 +115,68 @@ def test_image_label_grid_mismatch_is_refused(tmp_path):
     dataset = make_dataset(tmp_path / "toy", shift_label_origin=True)
     with pytest.raises(DatasetError, match=r"case_000.nii.gz: its grid differs from .*origin"):
         train(load_config(write_config(tmp_path, dataset)))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "choices"),
+    [
+        ("loss", "dice_typo", "ce, dice, dice_ce, dice_focal"),
+        ("optimizer", "lbfgs", "adam, adamw, sgd"),
+        ("schedule", "step", "poly, cosine"),
+    ],
+)
+def test_unknown_loss_optimiser_or_schedule_is_refused_before_training(tmp_path, key, value, choices):
+    path = write_config(tmp_path, tmp_path, **{key: value})
+    with pytest.raises(ValueError, match=f"unknown {key} '{value}'; choose one of {choices}"):
+        load_config(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss": "ce"},
+        {"loss": "dice"},
+        {"loss": "dice_focal"},
+        {"optimizer": "sgd", "learning_rate": 0.05},
+        {"optimizer": "adam", "schedule": "cosine"},
+    ],
+)
+def test_each_loss_optimiser_and_schedule_trains_and_is_recorded(tmp_path, overrides):
+    dataset = make_dataset(tmp_path / "toy")
+    folder = train(load_config(write_config(tmp_path, dataset, epochs=2, **overrides)))
+    recorded = json.loads((folder / "model.json").read_text())["training"]
+    for key, value in overrides.items():
+        assert recorded[key] == value
+    history = json.loads((folder / "history.json").read_text())
+    assert all(np.isfinite(entry["loss"]) for entry in history)
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "dice_ce", "dice_focal"])
+def test_each_loss_is_near_zero_for_a_confident_right_answer_and_large_for_a_wrong_one(name):
+    import torch
+
+    from training.train import make_loss
+
+    labels = torch.zeros((2, 1, 4, 4, 4), dtype=torch.int64)
+    labels[:, :, :2] = 1
+    right = torch.cat([(labels == 0).float(), (labels == 1).float()], dim=1) * 20 - 10
+    loss = make_loss(name)
+    assert float(loss(right, labels)) < 0.01
+    assert float(loss(-right, labels)) > 0.5
+
+
+def test_schedules_and_optimisers_follow_the_config():
+    import math
+
+    import torch
+
+    from training.train import TrainConfig, make_optimizer, make_schedule
+
+    parameter = [torch.nn.Parameter(torch.zeros(1))]
+    for schedule, middle in (("poly", 0.5**0.9), ("cosine", 0.5)):
+        config = TrainConfig(dataset="", output="", card={}, learning_rate=1.0, schedule=schedule, optimizer="sgd")
+        optimizer = make_optimizer(config, parameter)
+        assert optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["nesterov"]
+        lr = make_schedule(config, optimizer, 10).lr_lambdas[0]
+        assert lr(0) == 1.0 and math.isclose(lr(5), middle, rel_tol=1e-9) and lr(10) == pytest.approx(0.0, abs=1e-12)
