@@ -7,7 +7,7 @@ its labels are TotalSegmentator's output, value 5 = liver), at the benchmark car
 patches, and cached under ``~/.cache/medseg/benchmarks`` (never committed). It is a benchmark fixture, fitted to
 one scan: its accuracy is not the point, only that its outputs are as confident as a trained model's.
 
-python benchmarks/ct_model.py            # fit (about 4 minutes on 2 cores) or reuse the cached folder
+python benchmarks/ct_model.py            # fit (about 2 minutes on 2 cores) or reuse the cached folder
 """
 
 from __future__ import annotations
