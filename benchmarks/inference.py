@@ -218,7 +218,14 @@ def run_monai(folder: Path, image_path: Path, device: str, repeats: int, work: P
 
 
 def run_medseg(folder: Path, image_path: Path, device: str, repeats: int, work: Path, variant: str) -> dict:
-    from medseg.inference import InferenceOptions, InferenceReport, release_memory, sliding_window_probabilities
+    import torch
+    from medseg.inference import (
+        InferenceOptions,
+        InferenceReport,
+        release_memory,
+        sliding_window_probabilities,
+        top_two,
+    )
     from medseg.segmenter import Segmenter
 
     kind = variant.partition("-")[2]
@@ -243,7 +250,7 @@ def run_medseg(folder: Path, image_path: Path, device: str, repeats: int, work: 
             options=options,
             report=report,
         )
-        return labels_of(probabilities)
+        return top_two(torch.from_numpy(probabilities), 0)[0].numpy()  # uint8 argmax, no int64 per voxel
 
     network_seconds, labels, first_network = timed(network_part, repeats, with_first=True)
     np.save(work / f"{variant}_network.npy", labels)
@@ -275,16 +282,6 @@ def run_medseg(folder: Path, image_path: Path, device: str, repeats: int, work: 
     if report.notes:
         row["notes"] = report.notes
     return row
-
-
-def labels_of(probabilities: np.ndarray) -> np.ndarray:
-    """``argmax`` over classes as uint8, one class at a time (numpy's argmax holds an int64 per voxel)."""
-    best, labels = probabilities[0], np.zeros(probabilities.shape[1:], np.uint8)
-    for k in range(1, probabilities.shape[0]):
-        better = probabilities[k] > best
-        labels[better] = k
-        best = np.maximum(best, probabilities[k])
-    return labels
 
 
 def run_model(folder: Path, image_path: Path, device: str, repeats: int, work: Path) -> dict:

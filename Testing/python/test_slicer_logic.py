@@ -73,6 +73,14 @@ def labelled_points_lps(segmentation_node, reference_volume, value: int) -> np.n
     return lps[np.lexsort(lps.T[::-1])]
 
 
+def segmented_sample(tmp_path, direction: str = "LPS"):
+    """A scene with the sample (in ``direction``) loaded and segmented by the bundled model on the CPU."""
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS[direction]), tmp_path)
+    logic = MedSegLogic(scene)
+    return scene, volume, logic, logic.segment(volume, device="cpu")
+
+
 def scene_state(scene) -> list[tuple[str, str, int]]:
     nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
     return sorted((n.GetID(), n.GetClassName(), n.GetMTime()) for n in nodes)
@@ -214,10 +222,7 @@ def test_segments_carry_the_cards_names_colours_values_and_terminology(tmp_path,
 
 
 def test_rerun_updates_the_segmentation_in_place(tmp_path):
-    scene = slicer.vtkMRMLScene()
-    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
-    logic = MedSegLogic(scene)
-    node = logic.segment(volume, device="cpu")
+    scene, volume, logic, node = segmented_sample(tmp_path)
     first = [labelled_points_lps(node, volume, value) for value in (1, 2)]
     node.GetSegmentation().AddEmptySegment("notes", "My notes")  # the user's own segment must survive
     again = logic.segment(volume, device="cpu", outputSegmentation=node)
@@ -414,10 +419,7 @@ def test_refine_uses_the_kept_probabilities_and_replaces_segments_in_place(tmp_p
 
 
 def test_refine_honours_stroke_segments_and_reuses_the_cut(tmp_path):
-    scene = slicer.vtkMRMLScene()
-    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
-    logic = MedSegLogic(scene)
-    node = logic.segment(volume, device="cpu")
+    scene, volume, logic, node = segmented_sample(tmp_path)
     before = labelmap_of(node, volume)
     # strokes as segments, as the Segment Editor paints them: anterior where there was nothing, and an eraser
     inside = np.argwhere(before == 1)
@@ -491,10 +493,7 @@ def test_refine_without_kept_probabilities_uses_the_segmentation_itself(tmp_path
     ],
 )
 def test_refine_errors_leave_the_scene_unchanged(tmp_path, kwargs, message):
-    scene = slicer.vtkMRMLScene()
-    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
-    logic = MedSegLogic(scene)
-    node = logic.segment(volume, device="cpu")
+    scene, volume, logic, node = segmented_sample(tmp_path)
     node.GetSegmentation().AddEmptySegment("empty", "empty")
     kwargs = {"targetSegmentId": "label_1", **kwargs}
     before, labels = scene_state(scene), labelmap_of(node, volume)
@@ -529,10 +528,7 @@ def test_the_same_volume_twice_is_refused_for_a_two_channel_model(tmp_path):
 
 
 def test_the_same_stroke_given_to_another_segment_is_not_mixed_up_with_the_earlier_cut(tmp_path):
-    scene = slicer.vtkMRMLScene()
-    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
-    logic = MedSegLogic(scene)
-    node = logic.segment(volume, device="cpu")
+    scene, volume, logic, node = segmented_sample(tmp_path)
     before = labelmap_of(node, volume)
     inside = np.argwhere(before == 1)
     voxel = tuple(inside[len(inside) // 2])

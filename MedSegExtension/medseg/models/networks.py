@@ -35,6 +35,24 @@ class SEUNet(UNet):
         return nn.Sequential(layer, ChannelSELayer(self.dimensions, out_channels, r=reduction))
 
 
+class _FourScaleEncoder(nn.Module):
+    """Four encoder stages at full, 1/2, 1/4 and 1/8 resolution, each built by ``stage(in, out, stride)``."""
+
+    def __init__(self, name: str, in_channels: int, channels: Sequence[int], stage) -> None:
+        super().__init__()
+        if len(channels) != 4:
+            raise ValueError(f"{name} takes 4 encoder widths, got {list(channels)}")
+        widths = [in_channels, *channels]
+        self.stages = nn.ModuleList(stage(widths[i], widths[i + 1], 1 if i == 0 else 2) for i in range(4))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
 class DeepLab3D(nn.Module):
     """A 3D DeepLabv3+-style network: a residual encoder to 1/8 resolution, atrous spatial pyramid pooling
     (MONAI's ``SimpleASPP``), and a decoder that joins the ASPP output with the 1/2-resolution features.
@@ -57,12 +75,11 @@ class DeepLab3D(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if len(channels) != 4:
-            raise ValueError(f"DeepLab3D takes 4 encoder widths, got {list(channels)}")
-        widths = [in_channels, *channels]
-        self.encoder = nn.ModuleList(
-            ResidualUnit(spatial_dims, widths[i], widths[i + 1], strides=1 if i == 0 else 2, subunits=2, norm=norm)
-            for i in range(4)
+        self.encoder = _FourScaleEncoder(
+            "DeepLab3D",
+            in_channels,
+            channels,
+            lambda a, b, stride: ResidualUnit(spatial_dims, a, b, strides=stride, subunits=2, norm=norm),
         )
         branch = max(channels[3] // 4, 4)
         kernels = [1 if d == 1 else 3 for d in dilations]
@@ -78,12 +95,10 @@ class DeepLab3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        features = []
-        for stage in self.encoder:
-            x = stage(x)
-            features.append(x)
+        features = self.encoder(x)
         low = self.low(features[1])
-        context = nn.functional.interpolate(self.aspp(x), size=low.shape[2:], mode=self.mode, align_corners=False)
+        context = self.aspp(features[3])
+        context = nn.functional.interpolate(context, size=low.shape[2:], mode=self.mode, align_corners=False)
         out = self.head(self.decoder(torch.cat([context, low], dim=1)))
         return nn.functional.interpolate(out, size=size, mode=self.mode, align_corners=False)
 
@@ -108,15 +123,13 @@ class FCN3D(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if len(channels) != 4:
-            raise ValueError(f"FCN3D takes 4 encoder widths, got {list(channels)}")
-        widths = [in_channels, *channels]
-        self.encoder = nn.ModuleList(
-            nn.Sequential(
-                Convolution(spatial_dims, widths[i], widths[i + 1], strides=1 if i == 0 else 2, norm=norm),
-                Convolution(spatial_dims, widths[i + 1], widths[i + 1], norm=norm),
-            )
-            for i in range(4)
+        self.encoder = _FourScaleEncoder(
+            "FCN3D",
+            in_channels,
+            channels,
+            lambda a, b, stride: nn.Sequential(
+                Convolution(spatial_dims, a, b, strides=stride, norm=norm), Convolution(spatial_dims, b, b, norm=norm)
+            ),
         )
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scores = nn.ModuleList(
@@ -126,10 +139,7 @@ class FCN3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        features = []
-        for stage in self.encoder:
-            x = stage(x)
-            features.append(x)
+        features = self.encoder(x)
         out = self.scores[0](self.drop(features[3]))
         for score, skip in zip(self.scores[1:], (features[2], features[1])):
             out = nn.functional.interpolate(out, size=skip.shape[2:], mode=self.mode, align_corners=False)
