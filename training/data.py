@@ -1,5 +1,12 @@
-"""Dataset readers for training: Medical Segmentation Decathlon layout (``dataset.json``, ``imagesTr/``,
-``labelsTr/``), preprocessed with the engine's own :func:`medseg.preprocessing.preprocess`.
+"""Dataset readers for training, preprocessed with the engine's own :func:`medseg.preprocessing.preprocess`.
+
+Three layouts, each with one or more input channels:
+
+- ``msd``: the Medical Segmentation Decathlon's ``dataset.json``, ``imagesTr/``, ``labelsTr/``. A case lists one
+  image, or (MedSeg's extension) a list of images, one per channel.
+- ``folders``: ``images/`` and ``labels/`` folders paired by file name; several channels as nnU-Net names
+  them (``case_0000.nii.gz``, ``case_0001.nii.gz`` for ``case.nii.gz``), and ``labels`` maps values to names.
+- ``case_folders``: one folder per case holding the channel files and the label file by name, as BRATS ships.
 """
 
 from __future__ import annotations
@@ -45,20 +52,102 @@ def read_msd_dataset(root: str | Path) -> tuple[list[Case], dict[int, str]]:
     description = root / "dataset.json"
     if not description.is_file():
         raise DatasetError(f"{description}: missing; an MSD dataset folder holds dataset.json, imagesTr/, labelsTr/")
-    meta = json.loads(description.read_text())
+    meta = json.loads(description.read_text(encoding="utf-8"))
     labels = {int(k): v for k, v in meta.get("labels", {}).items()}
     cases = []
     for entry in meta.get("training", []):
-        image = (root / entry["image"]).resolve()
+        names = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        images = [(root / name).resolve() for name in names]
         label = (root / entry["label"]).resolve()
-        for path in (image, label):
+        for path in (*images, label):
             if not path.is_file():
                 raise DatasetError(f"{path}: listed in {description} but missing")
-        case_id = image.name.removesuffix(".nii.gz").removesuffix(".nii")
-        cases.append(Case(case_id=case_id, images=[image], label=label))
+        cases.append(Case(case_id=_stem(images[0]), images=images, label=label))
     if not cases:
         raise DatasetError(f"{description}: lists no training cases")
     return cases, labels
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _stem(path: Path) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def _label_names(spec: dict, where: str) -> dict[int, str]:
+    labels = spec.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError(f"{where}: the dataset needs 'labels', a mapping of label values to names")
+    return {int(k): str(v) for k, v in labels.items()}
+
+
+def read_folder_pairs(spec: dict) -> tuple[list[Case], dict[int, str]]:
+    """``{"layout": "folders", "images": DIR, "labels_dir": DIR, "labels": {...}, "channels": N}``."""
+    images_dir, labels_dir = Path(spec["images"]), Path(spec["labels_dir"])
+    channels = int(spec.get("channels", 1))
+    labels = _label_names(spec, str(images_dir))
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: missing; a folder-pair dataset has an images and a labels folder")
+    cases = []
+    for label in sorted(p for p in labels_dir.iterdir() if p.name.endswith(IMAGE_SUFFIXES)):
+        case_id = _stem(label)
+        suffix = label.name[len(case_id) :]
+        if channels == 1 and (images_dir / label.name).is_file():
+            images = [images_dir / label.name]
+        else:
+            images = [images_dir / f"{case_id}_{c:04d}{suffix}" for c in range(channels)]
+        for path in images:
+            if not path.is_file():
+                raise DatasetError(f"{path}: the image for label {label} is missing")
+        cases.append(Case(case_id, images, label))
+    unlabelled = {
+        _stem(p).rsplit("_", 1)[0] if channels > 1 else _stem(p)
+        for p in images_dir.iterdir()
+        if p.name.endswith(IMAGE_SUFFIXES)
+    } - {c.case_id for c in cases}
+    if unlabelled:
+        raise DatasetError(f"{labels_dir}: no label file for image(s) {sorted(unlabelled)[:5]} in {images_dir}")
+    if not cases:
+        raise DatasetError(f"{labels_dir}: holds no label images")
+    return cases, labels
+
+
+def read_case_folders(spec: dict) -> tuple[list[Case], dict[int, str]]:
+    """``{"layout": "case_folders", "root": DIR, "channels": [FILE, ...], "label": FILE, "labels": {...}}``."""
+    root = Path(spec["root"])
+    channel_files, label_file = list(spec.get("channels", [])), spec.get("label")
+    if not channel_files or not label_file:
+        raise DatasetError(f"{root}: a case-folder dataset names its channel files ('channels') and 'label' file")
+    labels = _label_names(spec, str(root))
+    if not root.is_dir():
+        raise DatasetError(f"{root}: missing")
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = [folder / name for name in channel_files]
+        for path in (*images, folder / label_file):
+            if not path.is_file():
+                raise DatasetError(f"{path}: missing (case folder {folder.name})")
+        cases.append(Case(folder.name, images, folder / label_file))
+    if not cases:
+        raise DatasetError(f"{root}: holds no case folders")
+    return cases, labels
+
+
+def read_dataset(spec) -> tuple[list[Case], dict[int, str]]:
+    """The cases and label names of a dataset given as an MSD folder or a layout mapping (see the module doc)."""
+    if not isinstance(spec, dict):
+        return read_msd_dataset(spec)
+    layout = spec.get("layout", "msd")
+    if layout == "folders":
+        return read_folder_pairs(spec)
+    if layout == "case_folders":
+        return read_case_folders(spec)
+    return read_msd_dataset(spec["root"])
 
 
 def split_cases(case_ids: list[str], *, validation_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -67,6 +156,45 @@ def split_cases(case_ids: list[str], *, validation_fraction: float, seed: int) -
     random.Random(seed).shuffle(ids)
     n_val = max(1, round(len(ids) * validation_fraction))
     return sorted(ids[n_val:]), sorted(ids[:n_val])
+
+
+def kfold_splits(case_ids: list[str], *, folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """k seeded, disjoint validation folds covering every case once (nnU-Net's ``splits_final.json`` shape)."""
+    if folds > len(case_ids):
+        raise DatasetError(f"{folds} folds need at least {folds} cases; the dataset has {len(case_ids)}")
+    ids = sorted(case_ids)
+    random.Random(seed).shuffle(ids)
+    parts = [sorted(ids[i::folds]) for i in range(folds)]
+    return [{"train": sorted(set(ids) - set(part)), "val": part} for part in parts]
+
+
+def load_or_make_splits(path: Path, case_ids: list[str], *, folds: int, validation_fraction: float, seed: int):
+    """The splits saved at ``path``, or new seeded ones written there, so later runs compare on the same cases.
+
+    Raises:
+        DatasetError: the saved splits name cases the dataset lacks, or leave some out.
+    """
+    path = Path(path)
+    if path.is_file():
+        splits = json.loads(path.read_text(encoding="utf-8"))
+        named = {c for split in splits for part in ("train", "val") for c in split[part]}
+        if named != set(case_ids):
+            missing, extra = sorted(set(case_ids) - named), sorted(named - set(case_ids))
+            raise DatasetError(
+                f"{path}: the saved splits do not match the dataset (not in the splits: {missing[:5]}, "
+                f"not in the dataset: {extra[:5]}); delete the file or point splits_file elsewhere"
+            )
+        return splits
+    if folds:
+        splits = kfold_splits(case_ids, folds=folds, seed=seed)
+    else:
+        train, val = split_cases(case_ids, validation_fraction=validation_fraction, seed=seed)
+        splits = [{"train": train, "val": val}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return splits
 
 
 def read_label(path: Path, valid_values: set[int]) -> sitk.Image:

@@ -15,64 +15,43 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from medseg import io
-from medseg.metrics import dice_per_label, evaluate_images
+from medseg.metrics import evaluate_images
 from medseg.models.card import card_from_dict, write_card
 from medseg.models.folder import sha256_of
 
-from .data import DatasetError, PreparedCase, prepare_case, read_label, read_msd_dataset, split_cases
+from .augment import augment
+from .config import (
+    LOSSES,
+    OPTIMIZERS,
+    SCHEDULES,
+    Augmentation,
+    TrainConfig,
+    check_config,
+    load_config,
+)
+from .data import DatasetError, PreparedCase, load_or_make_splits, prepare_case, read_dataset, read_label
+
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "Augmentation",
+    "TrainConfig",
+    "load_config",
+    "make_loss",
+    "make_optimizer",
+    "make_schedule",
+    "train",
+]
 
 logger = logging.getLogger("training")
-
-
-@dataclass
-class Augmentation:
-    flip_axes: tuple[int, ...] = ()  #: spatial axes (0=x, 1=y, 2=z) flipped at random; never flip A-P labels
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.1
-    noise_std: float = 0.05
-
-
-@dataclass
-class TrainConfig:
-    dataset: str
-    output: str
-    card: dict[str, Any]
-    seed: int = 0
-    validation_fraction: float = 0.2
-    epochs: int = 100
-    batch_size: int = 8
-    patch_size: tuple[int, int, int] = (48, 64, 48)
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-5
-    validate_every: int = 10
-    threads: int = 0  #: torch CPU threads; 0 keeps PyTorch's default
-    device: str = "auto"
-    augmentation: Augmentation = field(default_factory=Augmentation)
-    loss: str = "dice_ce"  #: one of LOSSES
-    optimizer: str = "adamw"  #: one of OPTIMIZERS
-    momentum: float = 0.99  #: SGD's (Nesterov) momentum, nnU-Net's value
-    schedule: str = "poly"  #: one of SCHEDULES: polynomial decay (power 0.9, as nnU-Net) or cosine
-
-
-KNOWN_KEYS = set(TrainConfig.__dataclass_fields__)
-LOSSES = ("ce", "dice", "dice_ce", "dice_focal")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("poly", "cosine")
-
-
-def check_choices(config: TrainConfig, source: str) -> None:
-    """Refuse an unknown loss, optimiser or schedule before any data is read."""
-    for key, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-        value = getattr(config, key)
-        if value not in choices:
-            raise ValueError(f"{source}: unknown {key} {value!r}; choose one of {', '.join(choices)}")
 
 
 def make_loss(name: str):
@@ -121,29 +100,13 @@ class TrainingRun:
     provenance: dict[str, Any]
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a JSON or YAML config; unknown keys are refused (a typo must not be silently ignored)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    unknown = set(data) - KNOWN_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown config key(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
-    augmentation = Augmentation(**data.pop("augmentation", {}))
-    config = TrainConfig(**data, augmentation=augmentation)
-    config.patch_size = tuple(config.patch_size)
-    check_choices(config, str(path))
-    base = path.parent
-    for key in ("dataset", "output"):
-        value = Path(getattr(config, key))
-        if not value.is_absolute() and not value.exists() and (base / value).exists():
-            setattr(config, key, str(base / value))
-    return config
+def _card_draft(config: TrainConfig) -> dict[str, Any]:
+    """The config's card with a placeholder checksum, validated early so a bad card fails before training."""
+    draft = copy.deepcopy(config.card)
+    draft.setdefault("format_version", 1)
+    draft["weights"] = {"file": "model.pt", "sha256": "0" * 64}
+    card_from_dict(draft, f"{config.output} (card in the training config)")
+    return draft
 
 
 def _random_patch(
@@ -168,140 +131,457 @@ def _random_patch(
     return out_v, out_l
 
 
-def _augment(volume: np.ndarray, label: np.ndarray, aug: Augmentation, rng: np.random.Generator):
-    for axis in aug.flip_axes:
-        if rng.random() < 0.5:
-            volume = np.flip(volume, axis=axis + 1)
-            label = np.flip(label, axis=axis)
-    scale = 1 + rng.uniform(-aug.intensity_scale, aug.intensity_scale)
-    shift = rng.uniform(-aug.intensity_shift, aug.intensity_shift)
-    volume = volume * scale + shift
-    if aug.noise_std > 0:
-        volume = volume + rng.normal(0, aug.noise_std, volume.shape).astype(np.float32)
-    return np.ascontiguousarray(volume, dtype=np.float32), np.ascontiguousarray(label)
+def steps_per_epoch(config: TrainConfig, n_cases: int) -> int:
+    return config.steps_per_epoch or max(1, n_cases // config.batch_size)
 
 
-def _batches(cases: list[PreparedCase], config: TrainConfig, rng: np.random.Generator):
-    order = rng.permutation(len(cases))
-    for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
-        pairs = [
-            _augment(*_random_patch(cases[i], config.patch_size, rng), config.augmentation, rng)
-            for i in order[start : start + config.batch_size]
-        ]
-        yield (
-            torch.from_numpy(np.stack([p[0] for p in pairs])),
-            torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.int64)),
-        )
+def epoch_order(config: TrainConfig, n_cases: int, epoch: int) -> np.ndarray:
+    """The case index of every sample of one epoch, in order: seeded permutations, repeated as needed."""
+    rng = np.random.default_rng([config.seed, epoch])
+    needed = steps_per_epoch(config, n_cases) * config.batch_size
+    return np.concatenate([rng.permutation(n_cases) for _ in range(-(-needed // n_cases))])[:needed]
 
 
-def _validate(network, cases, card, device) -> dict[int, float]:
+def make_batch(cases: list[PreparedCase], config: TrainConfig, step: int, order: np.ndarray, positions: range):
+    """The samples at ``positions`` of global batch ``step``, each drawn and augmented from its own seed."""
+    per_epoch = len(order) // config.batch_size
+    epoch, batch = divmod(step, per_epoch)
+    volumes, labels = [], []
+    for j in positions:
+        rng = np.random.default_rng([config.seed, epoch, batch, j])
+        case = cases[order[batch * config.batch_size + j]]
+        volume, label = augment(*_random_patch(case, config.patch_size, rng), config.augmentation, rng)
+        volumes.append(volume)
+        labels.append(label)
+    return torch.from_numpy(np.stack(volumes)), torch.from_numpy(np.stack(labels)[:, None].astype(np.int64))
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return round(float(np.mean(finite)), 4) if finite else None
+
+
+def validate(network, cases: list[PreparedCase], card, device) -> dict[str, dict[str, float | None]]:
+    """Per label: mean Dice, IoU, precision, recall and HD95 (mm, over cases where both masks exist)."""
     from medseg.inference import InferenceOptions, sliding_window_probabilities
+    from medseg.metrics import evaluate
 
+    was_training = network.training
     network.eval()
     exact = InferenceOptions(precision="fp32")  # validation scores must not depend on a precision trial
-    values = [label.value for label in card.labels]
-    scores = {v: [] for v in values}
+    spacing = card.preprocessing.spacing or (1.0, 1.0, 1.0)
+    per_label: dict[int, list] = {label.value: [] for label in card.labels}
     for case in cases:
         probabilities = sliding_window_probabilities(network, case.volume, card.inference, device=device, options=exact)
-        for v, d in dice_per_label(np.argmax(probabilities, 0), case.label, values).items():
-            scores[v].append(d)
-    network.train()
-    return {v: float(np.mean(s)) for v, s in scores.items()}
+        scores = evaluate(np.argmax(probabilities, 0), case.label, list(per_label), spacing)
+        for value, metrics in scores.items():
+            per_label[value].append(metrics)
+    network.train(was_training)
+    names = {label.value: label.name for label in card.labels}
+    return {
+        names[v]: {
+            "dice": round(float(np.mean([m.dice for m in ms])), 4),
+            "iou": round(float(np.mean([m.iou for m in ms])), 4),
+            "precision": round(float(np.mean([m.precision for m in ms])), 4),
+            "recall": round(float(np.mean([m.recall for m in ms])), 4),
+            "hd95": _finite_mean([m.hd95 for m in ms]),
+        }
+        for v, ms in per_label.items()
+    }
 
 
-def _card_draft(config: TrainConfig) -> dict[str, Any]:
-    """The config's card with a placeholder checksum, validated early so a bad card fails before training."""
-    draft = copy.deepcopy(config.card)
-    draft.setdefault("format_version", 1)
-    draft["weights"] = {"file": "model.pt", "sha256": "0" * 64}
-    card_from_dict(draft, f"{config.output} (card in the training config)")
-    return draft
+def _dropout_kwargs(architecture: str, dropout: float | None) -> dict[str, float]:
+    """The architecture's own name for its dropout rate, set to ``dropout``."""
+    if dropout is None:
+        return {}
+    import inspect
+
+    from medseg.models import networks
+    from monai.networks import nets
+
+    cls = getattr(networks, architecture, None) or getattr(nets, architecture)
+    accepted = inspect.signature(cls.__init__).parameters
+    for name in ("dropout", "dropout_prob", "dropout_rate", "drop_rate"):
+        if name in accepted:
+            return {name: dropout}
+    raise ValueError(f"the training config sets dropout, but {architecture} takes no dropout rate")
 
 
-def train(config: TrainConfig, *, command: str = "python -m training CONFIG") -> Path:
-    """Train, pick the best epoch by validation Dice, write the model folder, and evaluate it from files.
+@dataclass
+class Distributed:
+    """This process's place under ``torchrun``; world 1 without it."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device_kind: str) -> Distributed:
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def broadcast(self, value):
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+RESUME_IGNORED = {
+    "epochs",
+    "early_stopping",
+    "progress",
+    "threads",
+    "export",
+    "device",
+    "validate_every",
+    "checkpoint_every",
+}
+
+
+def _save_atomically(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _amp(config: TrainConfig, device: torch.device):
+    """(autocast dtype or None, GradScaler or None) for this device."""
+    if config.amp == "off" or device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def train(
+    config: TrainConfig,
+    *,
+    command: str = "python -m training CONFIG",
+    resume: bool = False,
+    stop_at_step: int | None = None,
+) -> Path | None:
+    """Train, keep the best epoch by validation Dice, write the model folder, and evaluate it from files.
 
     Args:
         config: the training config.
         command: how this run was started, recorded in the card's provenance.
+        resume: continue from ``<run_dir>/checkpoint.pt`` when it exists (the config must be the same, but for
+            the epoch count and the options in ``RESUME_IGNORED``).
+        stop_at_step: write a checkpoint after this many steps and return None (a time-sliced or preemptible
+            run resumes from there with ``resume=True``).
+
+    Returns:
+        The model folder, or None when stopped by ``stop_at_step`` (and on every process but the first under
+        torchrun).
     """
     from medseg.inference import select_device
     from medseg.models.architectures import build_network
 
-    check_choices(config, "the training config")
+    check_config(config, "the training config")
     started = time.time()
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
     draft = _card_draft(config)
+    draft["network"]["kwargs"].update(_dropout_kwargs(draft["network"]["architecture"], config.dropout))
     card = card_from_dict(draft)
     device = select_device(config.device)
+    dist = Distributed.from_environment(device.type)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if config.batch_size % dist.world:
+        raise ValueError(f"batch_size {config.batch_size} does not split evenly over {dist.world} processes")
+    run_dir = config.run_path
+    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint = None
+    if resume and checkpoint_path.is_file():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved, now = checkpoint["config"], config.as_dict()
+        changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_IGNORED and saved.get(k) != now.get(k))
+        if changed:
+            raise ValueError(
+                f"{checkpoint_path}: made with a different config ({', '.join(changed)} changed); "
+                "resume with the config it was made with, or start afresh without --resume"
+            )
 
-    cases, dataset_labels = read_msd_dataset(config.dataset)
+    cases, dataset_labels = read_dataset(config.dataset)
     valid_values = set(dataset_labels)
     if valid_values != {0, *(label.value for label in card.labels)}:
         raise DatasetError(
-            f"the card's labels {[lb.value for lb in card.labels]} do not match dataset.json {sorted(valid_values)}"
+            f"the card's labels {[lb.value for lb in card.labels]} do not match the dataset's {sorted(valid_values)}"
         )
-    train_ids, val_ids = split_cases(
-        [c.case_id for c in cases], validation_fraction=config.validation_fraction, seed=config.seed
-    )
+    for case in cases:
+        if len(case.images) != len(card.channels):
+            raise DatasetError(
+                f"{case.images[0]}: case {case.case_id} has {len(case.images)} channel(s); the card names "
+                f"{len(card.channels)} ({', '.join(c.name for c in card.channels)})"
+            )
     by_id = {c.case_id: c for c in cases}
-    logger.info("dataset %s: %d training, %d validation cases", config.dataset, len(train_ids), len(val_ids))
-    prepared = {cid: prepare_case(by_id[cid], card.preprocessing, valid_values) for cid in train_ids + val_ids}
+    # Every case is read and checked (labels, grids) before anything is written or trained.
+    prepared = {case.case_id: prepare_case(case, card.preprocessing, valid_values) for case in cases}
+    if dist.main:
+        splits = load_or_make_splits(
+            config.splits_path,
+            [c.case_id for c in cases],
+            folds=config.folds,
+            validation_fraction=config.validation_fraction,
+            seed=config.seed,
+        )
+    dist.barrier()
+    if not dist.main:
+        splits = json.loads(config.splits_path.read_text(encoding="utf-8"))
+    train_ids, val_ids = splits[config.fold]["train"], splits[config.fold]["val"]
+    logger.info("dataset: %d training, %d validation cases (fold %d)", len(train_ids), len(val_ids), config.fold)
     train_cases = [prepared[c] for c in train_ids]
     val_cases = [prepared[c] for c in val_ids]
 
+    torch.manual_seed(config.seed)
     network = build_network(
         card.network.architecture,
         in_channels=len(card.channels),
         out_channels=card.num_classes,
         kwargs=card.network.kwargs,
     ).to(device)
-    optimizer = make_optimizer(config, network.parameters())
-    steps_per_epoch = len(train_cases) // config.batch_size
-    schedule = make_schedule(config, optimizer, config.epochs * steps_per_epoch)
-    loss_fn = make_loss(config.loss)
-    best = (-1.0, 0, None)
-    history = []
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        losses = []
-        network.train()
-        for x, y in _batches(train_cases, config, rng):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(network(x.to(device)), y.to(device))
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
-        if epoch % config.validate_every == 0 or epoch == config.epochs:
-            dice = _validate(network, val_cases, card, device)
-            entry["validation_dice"] = dice
-            mean = float(np.mean(list(dice.values())))
-            if mean > best[0]:
-                best = (mean, epoch, {k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
-        history.append(entry)
-        logger.info(
-            "epoch %d/%d loss %.4f %.1fs %s",
-            epoch,
-            config.epochs,
-            entry["loss"],
-            entry["seconds"],
-            entry.get("validation_dice", ""),
+    model = network
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None
         )
-    training_seconds = time.time() - started
+    optimizer = make_optimizer(config, network.parameters())
+    per_epoch = steps_per_epoch(config, len(train_cases))
+    total_steps = config.epochs * per_epoch
+    schedule = make_schedule(config, optimizer, total_steps)
+    loss_fn = make_loss(config.loss)
+    amp_dtype, scaler = _amp(config, device)
+    state = {
+        "step": 0,
+        "history": [],
+        "epoch_losses": [],
+        "best": (-1.0, 0),
+        "stale": 0,
+        "best_state": None,
+        "seconds": 0.0,
+    }
+    if checkpoint is not None:
+        network.load_state_dict(checkpoint["network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        state = checkpoint["state"]
+        logger.info("resumed from %s at step %d", checkpoint_path, state["step"])
+    earlier_seconds = state["seconds"]
+
+    def save_checkpoint() -> None:
+        if not dist.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state["seconds"] = earlier_seconds + time.time() - started
+        _save_atomically(
+            {
+                "config": config.as_dict(),
+                "network": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "state": state,
+            },
+            checkpoint_path,
+        )
+
+    share = config.batch_size // dist.world
+    positions = range(dist.rank * share, (dist.rank + 1) * share)
+    progress = None
+    stopped_early = False
+    while state["step"] < total_steps:
+        step = state["step"]
+        epoch = step // per_epoch
+        if step % per_epoch == 0 or progress is None:
+            order = epoch_order(config, len(train_cases), epoch)
+            if progress is not None:
+                progress.close()
+            progress = _progress_bar(config, dist, per_epoch, step % per_epoch, epoch)
+        t0 = time.perf_counter()
+        x, y = make_batch(train_cases, config, step, order, positions)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x.to(device)), y.to(device))
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.gradient_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        schedule.step()
+        value = float(loss.detach())
+        if dist.world > 1:
+            import torch.distributed as tdist
+
+            summed = torch.tensor([value], dtype=torch.float64)
+            tdist.all_reduce(summed)
+            value = float(summed) / dist.world
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss became {value} at step {step + 1}; lower learning_rate")
+        state["epoch_losses"].append(value)
+        state["step"] = step + 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}", s_per_step=f"{time.perf_counter() - t0:.2f}")
+        if state["step"] % per_epoch == 0:
+            entry = {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "loss": float(np.mean(state["epoch_losses"])),
+                "learning_rate": schedule.get_last_lr()[0],
+            }
+            state["epoch_losses"] = []
+            if (epoch + 1) % config.validate_every == 0 or state["step"] == total_steps:
+                if dist.main:
+                    metrics = validate(network, val_cases, card, device)
+                    entry["validation"] = metrics
+                    mean = float(np.mean([m["dice"] for m in metrics.values()]))
+                    entry["validation_mean_dice"] = round(mean, 4)
+                    if mean > state["best"][0]:
+                        state["best"] = (mean, epoch + 1)
+                        state["best_state"] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+                        state["stale"] = 0
+                    else:
+                        state["stale"] += 1
+                stopped_early = dist.broadcast(bool(config.early_stopping) and state["stale"] >= config.early_stopping)
+                if dist.main:
+                    logger.info(
+                        "epoch %d: loss %.4f, validation Dice %s",
+                        epoch + 1,
+                        entry["loss"],
+                        {k: m["dice"] for k, m in metrics.items()},
+                    )
+            state["history"].append(entry)
+            if dist.main:
+                write_metrics(run_dir, state, config)
+        if state["step"] % config.checkpoint_every == 0 or state["step"] % per_epoch == 0:
+            save_checkpoint()
+        if stopped_early:
+            logger.info(
+                "early stopping after epoch %d: no better validation Dice in %d validations",
+                epoch + 1,
+                config.early_stopping,
+            )
+            break
+        if stop_at_step is not None and state["step"] >= stop_at_step:
+            save_checkpoint()
+            if progress is not None:
+                progress.close()
+            dist.barrier()
+            return None
+    if progress is not None:
+        progress.close()
+    save_checkpoint()
+    dist.barrier()
+    if not dist.main:
+        return None
+    training_seconds = earlier_seconds + time.time() - started
     run = TrainingRun(
-        best_state=best[2],
-        best_epoch=best[1],
-        history=history,
+        best_state=state["best_state"],
+        best_epoch=state["best"][1],
+        history=state["history"],
         train_ids=train_ids,
         validation_cases=[by_id[c] for c in val_ids],
-        provenance={"command": command, "training_seconds": round(training_seconds, 1), "device": str(device)},
+        provenance={
+            "command": command,
+            "training_seconds": round(training_seconds, 1),
+            "device": f"{device}" + (f" x {dist.world} processes" if dist.world > 1 else ""),
+            "stopped_early": stopped_early,
+        },
     )
-    return _write_model_folder(config, draft, run)
+    folder = _write_model_folder(config, draft, run)
+    if config.export:
+        from .export import export_all
+
+        export_all(folder, config, [prepared[c] for c in val_ids], [by_id[c] for c in val_ids])
+    return folder
+
+
+def _progress_bar(config: TrainConfig, dist: Distributed, total: int, done: int, epoch: int):
+    if not config.progress or not dist.main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=done, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False, disable=None
+    )
+
+
+def write_metrics(run_dir: Path, state: dict, config: TrainConfig) -> None:
+    """``metrics.json`` (the config, every epoch's loss and validation metrics, the best epoch) and PNG plots."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "config": config.as_dict(),
+        "best_epoch": state["best"][1],
+        "best_mean_dice": round(state["best"][0], 4) if state["best"][0] >= 0 else None,
+        "history": state["history"],
+    }
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "metrics.json")
+    plot_history(state["history"], run_dir)
+
+
+def plot_history(history: list[dict], run_dir: Path) -> None:
+    """``loss.png`` (training loss per epoch) and ``validation.png`` (validation Dice per label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [entry["epoch"] for entry in history]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(epochs, [entry["loss"] for entry in history], color="#0072B2")
+    axes.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(figure)
+    validated = [entry for entry in history if "validation" in entry]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name in validated[0]["validation"] if validated else []:
+        axes.plot(
+            [e["epoch"] for e in validated], [e["validation"][name]["dice"] for e in validated], marker="o", label=name
+        )
+    axes.set(xlabel="epoch", ylabel="Dice", title="Validation Dice per label", ylim=(0, 1))
+    if validated:
+        axes.legend(loc="lower right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(run_dir / "validation.png", dpi=100)
+    plt.close(figure)
 
 
 def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: TrainingRun) -> Path:
@@ -319,7 +599,10 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
             "dataset": str(config.dataset),
             "seed": config.seed,
             "split": {
-                "validation_fraction": config.validation_fraction,
+                "validation_fraction": None if config.folds else config.validation_fraction,
+                "folds": config.folds,
+                "fold": config.fold,
+                "splits_file": str(config.splits_path),
                 "train": run.train_ids,
                 "validation": [case.case_id for case in run.validation_cases],
             },
@@ -334,6 +617,8 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
             "weight_decay": config.weight_decay,
             "augmentation": config.augmentation.__dict__,
             "training_seconds": run.provenance["training_seconds"],
+            "stopped_early": run.provenance["stopped_early"],
+            "config": config.as_dict(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {run.provenance['device']}",
             "torch": torch.__version__,
         }
@@ -341,7 +626,7 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
         validation = evaluate_model_folder(tmp, run.validation_cases)
         draft["training"]["validation"] = validation
         write_card(card_from_dict(draft), tmp)
-        (tmp / "history.json").write_text(json.dumps(run.history, indent=1) + "\n")
+        (tmp / "history.json").write_text(json.dumps(run.history, indent=1) + "\n", encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -41,7 +41,7 @@ def write_config(tmp_path, dataset, **overrides):
     card.pop("weights")
     card["inference"] = {"roi_size": [16, 16, 16], "overlap": 0.5, "blend_mode": "gaussian", "sw_batch_size": 2}
     config = {
-        "dataset": str(dataset),
+        "dataset": dataset if isinstance(dataset, dict) else str(dataset),
         "output": str(tmp_path / "out" / "toy-model"),
         "epochs": 3,
         "batch_size": 2,
@@ -77,7 +77,24 @@ def test_training_writes_a_model_folder_the_engine_loads(tmp_path):
     segmenter = Segmenter(folder, device="cpu")
     image = sitk.ReadImage(str(dataset / "imagesTr" / "case_000.nii.gz"))
     assert segmenter.segment(image).labelmap.GetSize() == image.GetSize()
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["toy-model"], "no temporary folder may remain"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["toy-model", "toy-model.run"], "no temporary folder"
+    run = folder.parent / "toy-model.run"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt",
+        "loss.png",
+        "metrics.json",
+        "splits.json",
+        "validation.png",
+    ]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [entry["epoch"] for entry in metrics["history"]] == [1, 2, 3]
+    last = metrics["history"][-1]["validation"]
+    assert set(last) == {"Bright", "Other"}
+    assert set(last["Bright"]) == {"dice", "iou", "precision", "recall", "hd95"}
+    assert metrics["config"]["loss"] == "dice_ce" and metrics["config"]["augmentation"]["noise_std"] == 0.05
+    assert card["training"]["config"] == metrics["config"], "every option, defaults included, is recorded"
+    for png in ("loss.png", "validation.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
@@ -180,3 +197,249 @@ def test_schedules_and_optimisers_follow_the_config():
         assert optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["nesterov"]
         lr = make_schedule(config, optimizer, 10).lr_lambdas[0]
         assert lr(0) == 1.0 and math.isclose(lr(5), middle, rel_tol=1e-9) and lr(10) == pytest.approx(0.0, abs=1e-12)
+
+
+def _network_state(run_dir):
+    import torch
+
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["network"]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    import torch
+
+    dataset = make_dataset(tmp_path / "toy")
+    augmentation = {"flip_axes": [1], "rotation_degrees": 10, "scale": 0.1, "elastic_probability": 0.3}
+    common = {"epochs": 3, "steps_per_epoch": 2, "augmentation": augmentation, "validate_every": 2}
+    straight = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "a" / "m"), **common))
+    split = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "b" / "m"), **common))
+    folder_a = train(straight)
+    assert train(split, stop_at_step=3) is None, "a stopped run writes no model folder"
+    assert not (tmp_path / "b" / "m").exists()
+    assert torch.load(split.run_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
+    folder_b = train(split, resume=True)
+    state_a, state_b = _network_state(straight.run_path), _network_state(split.run_path)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), "resumed weights differ from uninterrupted"
+    card_a = json.loads((folder_a / "model.json").read_text())["training"]
+    card_b = json.loads((folder_b / "model.json").read_text())["training"]
+    assert card_a["validation"] == card_b["validation"]
+    history_a = json.loads((straight.run_path / "metrics.json").read_text())["history"]
+    history_b = json.loads((split.run_path / "metrics.json").read_text())["history"]
+    assert history_a == history_b
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    config = load_config(write_config(tmp_path, dataset, epochs=2))
+    train(config, stop_at_step=1)
+    changed = load_config(write_config(tmp_path, dataset, epochs=2, learning_rate=0.5))
+    with pytest.raises(ValueError, match=r"checkpoint.pt: made with a different config \(learning_rate changed\)"):
+        train(changed, resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """torchrun with two gloo processes (one sample each) against one process with the batch of two."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import REPO
+
+    dataset = make_dataset(tmp_path / "toy")
+    results = {}
+    for processes in (1, 2):
+        path = write_config(
+            tmp_path,
+            dataset,
+            output=str(tmp_path / f"p{processes}" / "m"),
+            epochs=2,
+            steps_per_epoch=3,
+            augmentation={"flip_axes": [0], "rotation_degrees": 15, "rotation_probability": 0.5},
+            # SGD: Adam's first steps move each weight by +-lr whatever the gradient's size, so float rounding
+            # in a near-zero gradient would flip whole steps and hide what this test compares.
+            optimizer="sgd",
+            momentum=0.9,
+            learning_rate=0.05,
+        )
+        renamed = path.with_name(f"config{processes}.json")
+        path.rename(renamed)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "training",
+            str(renamed),
+        ]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[processes] = _network_state(tmp_path / f"p{processes}" / "m.run")
+        card = json.loads((tmp_path / f"p{processes}" / "m" / "model.json").read_text())
+        assert ("x 2 processes" in card["training"]["machine"]) == (processes == 2)
+    from medseg.models.architectures import build_network
+
+    torch.manual_seed(0)
+    initial = build_network("UNet", in_channels=1, out_channels=3, kwargs=card_dict()["network"]["kwargs"]).state_dict()
+    one, two = results[1], results[2]
+    worst = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
+    moved = max(float((one[k].float() - initial[k].float()).abs().max()) for k in one)
+    assert moved > 0.01, "training must have moved the weights for the comparison to mean anything"
+    assert worst < 1e-5, f"two-process weights differ from one-process weights by {worst} (moved {moved})"
+
+
+def test_kfold_splits_are_saved_disjoint_and_reused(tmp_path):
+    from training.data import DatasetError, load_or_make_splits
+
+    ids = [f"case_{i}" for i in range(11)]
+    path = tmp_path / "splits.json"
+    splits = load_or_make_splits(path, ids, folds=5, validation_fraction=0.2, seed=3)
+    validation = [c for split in splits for c in split["val"]]
+    assert sorted(validation) == sorted(ids) and len(splits) == 5, "each case validates exactly once"
+    assert all(not set(s["train"]) & set(s["val"]) and len(s["train"]) + len(s["val"]) == 11 for s in splits)
+    assert load_or_make_splits(path, list(reversed(ids)), folds=5, validation_fraction=0.2, seed=99) == splits
+    with pytest.raises(DatasetError, match=r"splits.json: the saved splits do not match the dataset"):
+        load_or_make_splits(path, ids + ["case_new"], folds=5, validation_fraction=0.2, seed=3)
+
+
+@pytest.mark.slow
+def test_kfold_fold_trains_on_its_split(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    config = load_config(write_config(tmp_path, dataset, epochs=1, folds=3, fold=2))
+    folder = train(config)
+    split = json.loads((folder / "model.json").read_text())["training"]["split"]
+    saved = json.loads(config.splits_path.read_text())
+    assert split["validation"] == saved[2]["val"] and split["folds"] == 3 and split["fold"] == 2
+
+
+def _write_image(array, path, spacing=(1.0, 1.0, 1.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def _two_channel_case(rng):
+    labels = np.zeros((20, 24, 20), np.uint8)
+    labels[5:12, 6:14, 4:10] = 1
+    labels[5:12, 6:14, 10:16] = 2
+    first = rng.normal(0, 1, labels.shape) + 3 * (labels > 0)  # sees the lesion, not its parts
+    second = rng.normal(0, 1, labels.shape) + 3 * (labels == 2)  # tells the parts apart
+    return first.astype(np.float32), second.astype(np.float32), labels
+
+
+def _two_channel_card():
+    card = card_dict(id="two-channel")
+    card.pop("weights")
+    card["channels"] = [{"name": "FLAIR", "modality": "MR"}, {"name": "T1c", "modality": "MR"}]
+    card["inference"] = {"roi_size": [16, 16, 16], "overlap": 0.5, "blend_mode": "gaussian", "sw_batch_size": 2}
+    return card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["folders", "case_folders"])
+def test_two_channel_datasets_in_folder_layouts_train(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    for i in range(6):
+        first, second, labels = _two_channel_case(rng)
+        if layout == "folders":
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            (root / "labels").mkdir(exist_ok=True)
+            _write_image(first, root / "images" / f"c{i}_0000.nii.gz")
+            _write_image(second, root / "images" / f"c{i}_0001.nii.gz")
+            _write_image(labels, root / "labels" / f"c{i}.nii.gz")
+        else:
+            (root / f"c{i}").mkdir(parents=True)
+            _write_image(first, root / f"c{i}" / "flair.nii.gz")
+            _write_image(second, root / f"c{i}" / "t1c.nii.gz")
+            _write_image(labels.astype(np.float32), root / f"c{i}" / "truth.nii.gz")  # as BRATS stores it
+    names = {"0": "background", "1": "a", "2": "b"}
+    if layout == "folders":
+        dataset = {
+            "layout": "folders",
+            "images": str(root / "images"),
+            "labels_dir": str(root / "labels"),
+            "channels": 2,
+            "labels": names,
+        }
+    else:
+        dataset = {
+            "layout": "case_folders",
+            "root": str(root),
+            "channels": ["flair.nii.gz", "t1c.nii.gz"],
+            "label": "truth.nii.gz",
+            "labels": names,
+        }
+    config = load_config(
+        write_config(tmp_path, dataset, card=_two_channel_card(), epochs=30, validate_every=30, learning_rate=0.02)
+    )
+    folder = train(config)
+    validation = json.loads((folder / "model.json").read_text())["training"]["validation"]["mean"]
+    assert validation["Other"] > 0.8, validation  # label 2 needs the second channel
+
+
+def test_folder_pairs_with_a_missing_image_channel_are_refused(tmp_path):
+    from training.data import DatasetError, read_dataset
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    first, _, labels = _two_channel_case(rng)
+    _write_image(first, tmp_path / "images" / "c0_0000.nii.gz")
+    _write_image(labels, tmp_path / "labels" / "c0.nii.gz")
+    spec = {
+        "layout": "folders",
+        "images": str(tmp_path / "images"),
+        "labels_dir": str(tmp_path / "labels"),
+        "channels": 2,
+        "labels": {"0": "bg", "1": "a", "2": "b"},
+    }
+    with pytest.raises(DatasetError, match=r"c0_0001.nii.gz: the image for label .*c0.nii.gz is missing"):
+        read_dataset(spec)
+
+
+def test_a_card_with_other_channels_than_the_dataset_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    config = load_config(write_config(tmp_path, dataset, card=_two_channel_card()))
+    with pytest.raises(DatasetError, match=r"case_000.nii.gz: case case_000 has 1 channel\(s\); the card names 2"):
+        train(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"augmentation": {"rotation_degree": 5}}, r"\(augmentation\): unknown config key\(s\) \['rotation_degree'\]"),
+        ({"folds": 5, "fold": 5}, r"fold 5 is outside 0..4"),
+        ({"amp": "fp8"}, r"unknown amp 'fp8'; choose one of auto, off"),
+        ({"export": ["tflite"]}, r"unknown export 'tflite'"),
+        ({"dataset": {"layout": "nnunet", "root": "x"}}, r"unknown dataset layout 'nnunet'"),
+    ],
+)
+def test_config_mistakes_are_refused_before_any_data_is_read(tmp_path, overrides, message):
+    dataset = overrides.pop("dataset", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=message):
+        load_config(write_config(tmp_path, dataset, **overrides))
+
+
+@pytest.mark.slow
+def test_early_stopping_dropout_and_clipping_are_applied(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    config = load_config(
+        write_config(tmp_path, dataset, epochs=6, learning_rate=0.0, early_stopping=2, dropout=0.2, gradient_clip=1.0)
+    )
+    folder = train(config)
+    card = json.loads((folder / "model.json").read_text())
+    assert card["network"]["kwargs"]["dropout"] == 0.2
+    history = json.loads((config.run_path / "metrics.json").read_text())["history"]
+    assert len(history) == 3, "no improvement with a zero learning rate: stops after two stale validations"
+    assert card["training"]["stopped_early"] is True and card["training"]["best_epoch"] == 1
