@@ -79,6 +79,7 @@ class TrainConfig:
     momentum: float = 0.99  #: SGD's (Nesterov) momentum, nnU-Net's value
     schedule: str = "poly"  #: one of SCHEDULES: polynomial decay (power 0.9, as nnU-Net) or cosine
     export: list[str] = field(default_factory=list)  #: any of "torchscript", "onnx", "fp16", "int8"
+    plan: str | None = None  #: "dynunet": network, spacing and patch planned from the data (prod(patch_size) = budget)
 
     @property
     def run_path(self) -> Path:
@@ -112,6 +113,8 @@ def check_config(config: TrainConfig, source: str) -> None:
         value = getattr(config, key)
         if value not in choices:
             raise ValueError(f"{source}: unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    if config.plan not in (None, "dynunet"):
+        raise ValueError(f"{source}: unknown plan {config.plan!r}; the one plan is 'dynunet'")
     for name in config.export:
         if name not in EXPORTS:
             raise ValueError(f"{source}: unknown export {name!r}; choose from {', '.join(EXPORTS)}")

@@ -200,10 +200,13 @@ def _dropout_kwargs(architecture: str, dropout: float | None) -> dict[str, float
     from monai.networks import nets
 
     cls = getattr(networks, architecture, None) or getattr(nets, architecture)
-    accepted = inspect.signature(cls.__init__).parameters
-    for name in ("dropout", "dropout_prob", "dropout_rate", "drop_rate"):
-        if name in accepted:
-            return {name: dropout}
+    for base in cls.__mro__:  # a subclass taking **kwargs (SEUNet) passes its parent's dropout on
+        accepted = inspect.signature(base.__init__).parameters
+        for name in ("dropout", "dropout_prob", "dropout_rate", "drop_rate"):
+            if name in accepted:
+                return {name: dropout}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            break
     raise ValueError(f"the training config sets dropout, but {architecture} takes no dropout rate")
 
 
@@ -312,6 +315,15 @@ def train(
         device = torch.device("cuda", dist.local_rank)
     if config.batch_size % dist.world:
         raise ValueError(f"batch_size {config.batch_size} does not split evenly over {dist.world} processes")
+    cases, dataset_labels = read_dataset(config.dataset)
+    valid_values = set(dataset_labels)
+    if valid_values != {0, *(label.value for label in card.labels)}:
+        raise DatasetError(
+            f"the card's labels {[lb.value for lb in card.labels]} do not match the dataset's {sorted(valid_values)}"
+        )
+    plan = None
+    if config.plan == "dynunet":
+        config, draft, card, plan = _apply_plan(config, draft, cases)
     run_dir = config.run_path
     checkpoint_path = run_dir / "checkpoint.pt"
     checkpoint = None
@@ -325,12 +337,6 @@ def train(
                 "resume with the config it was made with, or start afresh without --resume"
             )
 
-    cases, dataset_labels = read_dataset(config.dataset)
-    valid_values = set(dataset_labels)
-    if valid_values != {0, *(label.value for label in card.labels)}:
-        raise DatasetError(
-            f"the card's labels {[lb.value for lb in card.labels]} do not match the dataset's {sorted(valid_values)}"
-        )
     for case in cases:
         if len(case.images) != len(card.channels):
             raise DatasetError(
@@ -519,14 +525,41 @@ def train(
             "training_seconds": round(training_seconds, 1),
             "device": f"{device}" + (f" x {dist.world} processes" if dist.world > 1 else ""),
             "stopped_early": stopped_early,
+            "plan": plan,
         },
     )
     folder = _write_model_folder(config, draft, run)
     if config.export:
         from .export import export_all
 
-        export_all(folder, config, [prepared[c] for c in val_ids], [by_id[c] for c in val_ids])
+        export_all(folder, config, val_cases, train_cases)
     return folder
+
+
+def _apply_plan(config: TrainConfig, draft: dict[str, Any], cases):
+    """DynUNet, spacing and patch planned from the dataset's headers (see :mod:`training.plan`)."""
+    import dataclasses
+
+    from .plan import plan_dynunet
+
+    plan = plan_dynunet(
+        [case.images[0] for case in cases],
+        spacing=draft["preprocessing"].get("spacing"),
+        max_patch_voxels=int(np.prod(config.patch_size)),
+    )
+    logger.info(
+        "planned DynUNet: spacing %s, patch %s, strides %s",
+        plan["spacing"],
+        plan["patch_size"],
+        plan["kwargs"]["strides"],
+    )
+    draft = copy.deepcopy(draft)
+    kwargs = {**plan["kwargs"], **_dropout_kwargs("DynUNet", config.dropout)}
+    draft["network"] = {"architecture": "DynUNet", "kwargs": kwargs}
+    draft["preprocessing"]["spacing"] = plan["spacing"]
+    draft["inference"]["roi_size"] = plan["patch_size"]
+    config = dataclasses.replace(config, patch_size=tuple(plan["patch_size"]))
+    return config, draft, card_from_dict(draft), plan
 
 
 def _progress_bar(config: TrainConfig, dist: Distributed, total: int, done: int, epoch: int):
@@ -618,6 +651,7 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
             "augmentation": config.augmentation.__dict__,
             "training_seconds": run.provenance["training_seconds"],
             "stopped_early": run.provenance["stopped_early"],
+            **({"plan": run.provenance["plan"]} if run.provenance["plan"] else {}),
             "config": config.as_dict(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {run.provenance['device']}",
             "torch": torch.__version__,
@@ -645,8 +679,12 @@ def evaluate_model_folder(folder: Path, cases) -> dict[str, Any]:
     card = segmenter.card
     values = [label.value for label in card.labels]
     per_case = {}
+    seconds = []
     for case in cases:
-        result = segmenter.segment(io.read_channels(case.images))
+        images = io.read_channels(case.images)
+        t0 = time.perf_counter()
+        result = segmenter.segment(images)
+        seconds.append(time.perf_counter() - t0)
         reference = read_label(case.label, {0, *values})
         metrics = evaluate_images(result.labelmap, reference, values)
         per_case[case.case_id] = {str(v): round(m.dice, 4) for v, m in metrics.items()}
@@ -656,6 +694,7 @@ def evaluate_model_folder(folder: Path, cases) -> dict[str, Any]:
         "cases": len(per_case),
         "mean": {names[v]: round(float(np.mean([c[str(v)] for c in per_case.values()])), 4) for v in values},
         "worst": {names[v]: round(float(np.min([c[str(v)] for c in per_case.values()])), 4) for v in values},
+        "seconds_per_case": round(float(np.mean(seconds)), 3),  #: the engine on the CPU, files already read
         "per_case": per_case,
     }
     return summary

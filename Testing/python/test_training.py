@@ -443,3 +443,37 @@ def test_early_stopping_dropout_and_clipping_are_applied(tmp_path):
     history = json.loads((config.run_path / "metrics.json").read_text())["history"]
     assert len(history) == 3, "no improvement with a zero learning rate: stops after two stale validations"
     assert card["training"]["stopped_early"] is True and card["training"]["best_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_exports_match_pytorch_and_report_dice_and_speed(tmp_path):
+    import onnx
+    import onnxruntime
+    import torch
+
+    dataset = make_dataset(tmp_path / "toy")
+    config = load_config(
+        write_config(tmp_path, dataset, epochs=20, validate_every=20, export=["torchscript", "onnx", "fp16", "int8"])
+    )
+    folder = train(config)
+    exports = config.run_path / "exports"
+    report = json.loads((exports / "report.json").read_text())
+    assert report["torchscript"]["max_abs_logit_difference"] <= 1e-4
+    assert report["onnx"]["max_abs_logit_difference"] <= 1e-3
+    reference = report["pytorch_fp32"]["dice"]
+    assert reference["Bright"] > 0.8, "the toy model must have learnt something for the comparison to mean anything"
+    for kind in ("torchscript", "onnx"):
+        assert report[kind]["dice"] == pytest.approx(reference, abs=0.002)
+    for kind in ("fp16", "int8"):
+        assert report[kind]["dice"]["Bright"] > reference["Bright"] - 0.05, report[kind]
+        assert report[kind]["speed_vs_pytorch_fp32"] > 0
+    quantised = {node.op_type for node in onnx.load(str(exports / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= quantised
+    # the files run without MedSeg: TorchScript in torch alone, ONNX in ONNX Runtime alone
+    window = np.random.default_rng(0).normal(size=(1, 1, 16, 16, 16)).astype(np.float32)
+    scripted = torch.jit.load(str(exports / "model.torchscript.pt"))
+    session = onnxruntime.InferenceSession(str(exports / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        from_script = scripted(torch.from_numpy(window)).numpy()
+    np.testing.assert_allclose(session.run(None, {"image": window})[0], from_script, atol=1e-3)
+    assert folder.is_dir()

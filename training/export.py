@@ -1,0 +1,230 @@
+"""Exports of a trained model folder, each checked against PyTorch and scored, so a user picks a lighter model
+knowingly.
+
+- ``torchscript``: ``model.torchscript.pt`` (traced; loads with ``torch.jit.load`` and no MedSeg code);
+- ``onnx``: ``model.onnx`` (dynamic window batch; runs under ONNX Runtime);
+- ``fp16``: the same weights run in 16-bit (bfloat16 on a CPU, float16 on a GPU), as the engine's
+  ``--precision bf16|fp16`` does; no new file;
+- ``int8``: ``model.int8.onnx``, ONNX Runtime static quantisation of the convolutions (per channel, QDQ),
+  calibrated on training patches.
+
+Each is run over the validation cases with the engine's sliding window. ``<run_dir>/exports/report.json`` gives
+its largest logit difference from PyTorch on real windows, its Dice per label, its seconds over the validation
+cases and the ratio to float32 PyTorch, and its file size. TorchScript and ONNX must match PyTorch within
+:data:`PARITY`; an export that does not is an error, and its file is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("training")
+
+#: largest absolute logit difference from PyTorch float32 allowed for each exact export
+PARITY = {"torchscript": 1e-4, "onnx": 1e-3}
+
+
+class ExportError(RuntimeError):
+    """An export does not match the PyTorch model it came from."""
+
+
+class OnnxNetwork(torch.nn.Module):
+    """An ONNX Runtime session behind the ``network(x)`` call the engine's sliding window makes."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0]).to(x.device)
+
+
+def _windows(cases, roi, channels: int, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` real windows (1, C, *roi) cut from the cases at seeded places, zero-padded as MONAI pads."""
+    rng = np.random.default_rng(seed)
+    windows = []
+    for i in range(count):
+        volume = cases[i % len(cases)].volume
+        window = np.zeros((1, channels, *roi), np.float32)
+        src, dst = [], []
+        for size, r in zip(volume.shape[1:], roi):
+            start = int(rng.integers(0, size - r + 1)) if size >= r else 0
+            src.append(slice(start, start + min(size, r)))
+            dst.append(slice(0, min(size, r)))
+        window[(0, slice(None), *dst)] = volume[(slice(None), *src)]
+        windows.append(window)
+    return windows
+
+
+def _score(network, cases, card, options) -> tuple[dict[str, float], float]:
+    """Mean Dice per label over ``cases`` and the seconds the sliding window took over all of them."""
+    from medseg.inference import sliding_window_probabilities
+    from medseg.metrics import dice_per_label
+
+    values = [label.value for label in card.labels]
+    scores: dict[int, list[float]] = {v: [] for v in values}
+    seconds = 0.0
+    for case in cases:
+        t0 = time.perf_counter()
+        probabilities = sliding_window_probabilities(
+            network, case.volume, card.inference, device=torch.device("cpu"), options=options
+        )
+        seconds += time.perf_counter() - t0
+        for v, d in dice_per_label(np.argmax(probabilities, 0), case.label, values).items():
+            scores[v].append(d)
+    names = {label.value: label.name for label in card.labels}
+    return {names[v]: round(float(np.mean(s)), 4) for v, s in scores.items()}, seconds
+
+
+def _largest_difference(network, reference, windows) -> float:
+    worst = 0.0
+    with torch.inference_mode():
+        for window in windows:
+            x = torch.from_numpy(window)
+            worst = max(worst, float((network(x).float() - reference(x)).abs().max()))
+    return worst
+
+
+def export_model(
+    folder: Path, out: Path, kinds: list[str], validation_cases, training_cases, *, seed: int = 0
+) -> dict[str, Any]:
+    """Write the requested exports of a model folder into ``out`` and return their report (also in report.json).
+
+    Args:
+        folder: a model folder (card + weights).
+        out: where the exported files and ``report.json`` go.
+        kinds: any of "torchscript", "onnx", "fp16", "int8".
+        validation_cases: prepared cases (network grid) to score every variant on.
+        training_cases: prepared cases to calibrate the int8 quantisation on.
+
+    Raises:
+        ExportError: TorchScript or ONNX logits differ from PyTorch by more than :data:`PARITY`.
+    """
+    from medseg.inference import InferenceOptions
+    from medseg.models.folder import load_model_folder
+
+    model = load_model_folder(folder)
+    card, network = model.card, model.network.float().eval()
+    channels, roi = len(card.channels), tuple(card.inference.roi_size)
+    out.mkdir(parents=True, exist_ok=True)
+    windows = _windows(validation_cases, roi, channels, 4, seed)
+    exact = InferenceOptions(precision="fp32")
+    dice, seconds = _score(network, validation_cases, card, exact)
+    report: dict[str, Any] = {
+        "cases": len(validation_cases),
+        "machine": f"{torch.get_num_threads()} CPU threads",
+        "parity_tolerance": PARITY,
+        "pytorch_fp32": {"dice": dice, "seconds": round(seconds, 3), "file_MiB": _mib(folder / card.weights_file)},
+    }
+    example = torch.from_numpy(np.concatenate(windows[:2]))
+
+    def record(kind: str, variant, path: Path | None, options=exact) -> None:
+        entry: dict[str, Any] = {}
+        if kind in PARITY:
+            difference = _largest_difference(variant, network, windows)
+            entry["max_abs_logit_difference"] = float(f"{difference:.3g}")
+            if difference > PARITY[kind]:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                raise ExportError(
+                    f"{kind} export of {folder} differs from PyTorch by {difference:.3g} (tolerance {PARITY[kind]})"
+                )
+        variant_dice, variant_seconds = _score(variant, validation_cases, card, options)
+        entry.update(
+            {
+                "dice": variant_dice,
+                "seconds": round(variant_seconds, 3),
+                "speed_vs_pytorch_fp32": round(seconds / variant_seconds, 2),
+            }
+        )
+        if path is not None:
+            entry["file"] = path.name
+            entry["file_MiB"] = _mib(path)
+        report[kind] = entry
+        logger.info("export %s: %s", kind, entry)
+
+    if "torchscript" in kinds:
+        path = out / "model.torchscript.pt"
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(network, example), str(path))
+        record("torchscript", torch.jit.load(str(path)).eval(), path)
+    onnx_path = out / "model.onnx"
+    if "onnx" in kinds or "int8" in kinds:
+        with torch.no_grad():
+            torch.onnx.export(
+                network,
+                (example,),
+                str(onnx_path),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "windows"}, "logits": {0: "windows"}},
+                dynamo=False,
+            )
+    if "onnx" in kinds:
+        record("onnx", OnnxNetwork(onnx_path), onnx_path)
+    if "fp16" in kinds:
+        precision = "fp16" if torch.cuda.is_available() else "bf16"
+        record("fp16", network, None, InferenceOptions(precision=precision))
+        report["fp16"]["precision"] = precision
+    if "int8" in kinds:
+        path = out / "model.int8.onnx"
+        _quantize(onnx_path, path, _windows(training_cases, roi, channels, 8, seed + 1))
+        record("int8", OnnxNetwork(path), path)
+        if "onnx" not in kinds:
+            onnx_path.unlink()
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def _quantize(source: Path, target: Path, calibration: list[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.windows = iter(calibration)
+
+        def get_next(self):
+            window = next(self.windows, None)
+            return None if window is None else {"image": window}
+
+    prepared = target.with_name(target.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            op_types_to_quantize=["Conv"],
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def _mib(path: Path) -> float:
+    return round(path.stat().st_size / 2**20, 2)
+
+
+def export_all(folder: Path, config, validation_cases, training_cases) -> dict[str, Any]:
+    """The config's ``export`` list for a freshly written model folder, into ``<run_dir>/exports``."""
+    return export_model(
+        folder, config.run_path / "exports", config.export, validation_cases, training_cases, seed=config.seed
+    )
