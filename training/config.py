@@ -52,6 +52,7 @@ class TrainConfig:
     dataset: Any  #: an MSD folder, or a dict: {"layout": "msd"|"folders"|"case_folders", ...} (see data.py)
     output: str  #: the model folder to write
     card: dict[str, Any]
+    description: str = ""  #: free text recorded with the run, e.g. what the config is for and how long it takes
     seed: int = 0
     validation_fraction: float = 0.2  #: used when ``folds`` is 0
     folds: int = 0  #: k for k-fold cross-validation; 0 = one split with ``validation_fraction``
@@ -78,6 +79,8 @@ class TrainConfig:
     optimizer: str = "adamw"  #: one of OPTIMIZERS
     momentum: float = 0.99  #: SGD's (Nesterov) momentum, nnU-Net's value
     schedule: str = "poly"  #: one of SCHEDULES: polynomial decay (power 0.9, as nnU-Net) or cosine
+    adversarial_weight: float = 0.0  #: > 0 adds a patch discriminator on (image, segmentation) pairs
+    adversarial_learning_rate: float = 2e-4  #: the discriminator's Adam learning rate (betas 0.5, 0.999)
     export: list[str] = field(default_factory=list)  #: any of "torchscript", "onnx", "fp16", "int8"
     plan: str | None = None  #: "dynunet": network, spacing and patch planned from the data (prod(patch_size) = budget)
 

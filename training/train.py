@@ -7,6 +7,7 @@ used for training data and validation, so training and inference cannot drift.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -278,6 +279,77 @@ def _amp(config: TrainConfig, device: torch.device):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+class _Optimisation:
+    """The network's optimiser, schedule, loss scaler and (optionally) adversary, and one training step."""
+
+    def __init__(self, config: TrainConfig, model, network, total_steps: int, card, device, world: int):
+        self.config, self.model, self.network = config, model, network
+        self.optimizer = make_optimizer(config, network.parameters())
+        self.schedule = make_schedule(config, self.optimizer, total_steps)
+        self.loss = make_loss(config.loss)
+        self.device = device
+        self.amp_dtype, self.scaler = _amp(config, device)
+        self.adversary = None
+        if config.adversarial_weight > 0:
+            from .adversarial import Adversary
+
+            self.adversary = Adversary(
+                weight=config.adversarial_weight,
+                learning_rate=config.adversarial_learning_rate,
+                image_channels=len(card.channels),
+                num_classes=card.num_classes,
+                patch=config.patch_size,
+                device=device,
+                world=world,
+            )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, tuple[float, float, float] | None]:
+        """One optimisation step; returns the loss and, with an adversary, (segmentation, fooling, discriminator)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            loss = segmentation = self.loss(logits, y)
+            if self.adversary is not None:
+                fooling, fake = self.adversary.generator_loss(x, logits)
+                loss = segmentation + self.adversary.weight * fooling
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.gradient_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.schedule.step()
+        if self.adversary is None:
+            return float(loss.detach()), None
+        discriminator = self.adversary.discriminator_step(x, y, fake)
+        return float(loss.detach()), (float(segmentation.detach()), float(fooling.detach()), discriminator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "adversary": self.adversary.state_dict() if self.adversary is not None else None,
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.network.load_state_dict(checkpoint["network"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.adversary is not None:
+            self.adversary.load_state_dict(checkpoint["adversary"])
+
+
 def train(
     config: TrainConfig,
     *,
@@ -374,27 +446,21 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = make_optimizer(config, network.parameters())
     per_epoch = steps_per_epoch(config, len(train_cases))
     total_steps = config.epochs * per_epoch
-    schedule = make_schedule(config, optimizer, total_steps)
-    loss_fn = make_loss(config.loss)
-    amp_dtype, scaler = _amp(config, device)
+    optimisation = _Optimisation(config, model, network, total_steps, card, device, dist.world)
     state = {
         "step": 0,
         "history": [],
         "epoch_losses": [],
+        "epoch_adversarial": [],
         "best": (-1.0, 0),
         "stale": 0,
         "best_state": None,
         "seconds": 0.0,
     }
     if checkpoint is not None:
-        network.load_state_dict(checkpoint["network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        optimisation.load_state_dict(checkpoint)
         state = checkpoint["state"]
         logger.info("resumed from %s at step %d", checkpoint_path, state["step"])
     earlier_seconds = state["seconds"]
@@ -404,17 +470,7 @@ def train(
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         state["seconds"] = earlier_seconds + time.time() - started
-        _save_atomically(
-            {
-                "config": config.as_dict(),
-                "network": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "state": state,
-            },
-            checkpoint_path,
-        )
+        _save_atomically({"config": config.as_dict(), **optimisation.state_dict(), "state": state}, checkpoint_path)
 
     share = config.batch_size // dist.world
     positions = range(dist.rank * share, (dist.rank + 1) * share)
@@ -430,24 +486,9 @@ def train(
             progress = _progress_bar(config, dist, per_epoch, step % per_epoch, epoch)
         t0 = time.perf_counter()
         x, y = make_batch(train_cases, config, step, order, positions)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(x.to(device)), y.to(device))
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.gradient_clip > 0:
-            torch.nn.utils.clip_grad_norm_(network.parameters(), config.gradient_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        schedule.step()
-        value = float(loss.detach())
+        value, adversarial = optimisation.step(x.to(device), y.to(device))
+        if adversarial is not None:
+            state["epoch_adversarial"].append(adversarial)
         if dist.world > 1:
             import torch.distributed as tdist
 
@@ -466,9 +507,17 @@ def train(
                 "epoch": epoch + 1,
                 "step": state["step"],
                 "loss": float(np.mean(state["epoch_losses"])),
-                "learning_rate": schedule.get_last_lr()[0],
+                "learning_rate": optimisation.schedule.get_last_lr()[0],
             }
             state["epoch_losses"] = []
+            if state["epoch_adversarial"]:
+                parts = np.mean(state["epoch_adversarial"], axis=0)
+                entry.update(
+                    segmentation_loss=float(parts[0]),
+                    adversarial_loss=float(parts[1]),
+                    discriminator_loss=float(parts[2]),
+                )
+                state["epoch_adversarial"] = []
             if (epoch + 1) % config.validate_every == 0 or state["step"] == total_steps:
                 if dist.main:
                     metrics = validate(network, val_cases, card, device)
@@ -617,13 +666,27 @@ def plot_history(history: list[dict], run_dir: Path) -> None:
     plt.close(figure)
 
 
+@contextlib.contextmanager
+def staged_folder(target: Path):
+    """A temporary folder beside ``target`` that replaces it when the block succeeds and vanishes when it fails,
+    so a model folder is never seen half-written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: TrainingRun) -> Path:
     """Write weights (float16) and card to a temporary folder, evaluate it from files, then move it in place."""
     output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_folder(output) as tmp:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in run.best_state.items()}
         torch.save(state, tmp / "model.pt")
         draft["weights"] = {"file": "model.pt", "sha256": sha256_of(tmp / "model.pt")}
@@ -661,12 +724,6 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
         draft["training"]["validation"] = validation
         write_card(card_from_dict(draft), tmp)
         (tmp / "history.json").write_text(json.dumps(run.history, indent=1) + "\n", encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s: validation %s", output, validation["mean"])
     return output
 

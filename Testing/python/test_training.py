@@ -105,6 +105,8 @@ def test_training_is_reproducible_with_the_same_seed(tmp_path):
     card_a = json.loads((first / "model.json").read_text())
     card_b = json.loads((second / "model.json").read_text())
     assert card_a["weights"]["sha256"] == card_b["weights"]["sha256"]
+    for card in (card_a, card_b):
+        card["training"]["validation"].pop("seconds_per_case")  # a timing, the one thing that may differ
     assert card_a["training"]["validation"] == card_b["training"]["validation"]
 
 
@@ -223,6 +225,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), "resumed weights differ from uninterrupted"
     card_a = json.loads((folder_a / "model.json").read_text())["training"]
     card_b = json.loads((folder_b / "model.json").read_text())["training"]
+    for card in (card_a, card_b):
+        card["validation"].pop("seconds_per_case")  # a timing, the one thing that may differ
     assert card_a["validation"] == card_b["validation"]
     history_a = json.loads((straight.run_path / "metrics.json").read_text())["history"]
     history_b = json.loads((split.run_path / "metrics.json").read_text())["history"]
@@ -477,3 +481,98 @@ def test_exports_match_pytorch_and_report_dice_and_speed(tmp_path):
         from_script = scripted(torch.from_numpy(window)).numpy()
     np.testing.assert_allclose(session.run(None, {"image": window})[0], from_script, atol=1e-3)
     assert folder.is_dir()
+
+
+@pytest.mark.slow
+def test_adversarial_training_trains_records_and_resumes_exactly(tmp_path):
+    import torch
+
+    dataset = make_dataset(tmp_path / "toy")
+    common = {"epochs": 2, "steps_per_epoch": 2, "adversarial_weight": 0.1, "validate_every": 2}
+    straight = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "a" / "m"), **common))
+    split = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "b" / "m"), **common))
+    folder = train(straight)
+    train(split, stop_at_step=1)
+    train(split, resume=True)
+    a = torch.load(straight.run_path / "checkpoint.pt", weights_only=False)
+    b = torch.load(split.run_path / "checkpoint.pt", weights_only=False)
+    for part in ("network",):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert all(torch.equal(v, b["adversary"]["network"][k]) for k, v in a["adversary"]["network"].items())
+    history = json.loads((straight.run_path / "metrics.json").read_text())["history"]
+    for entry in history:
+        assert entry["loss"] == pytest.approx(entry["segmentation_loss"] + 0.1 * entry["adversarial_loss"], rel=1e-5)
+        assert 0 < entry["discriminator_loss"] < 10
+    assert json.loads((folder / "model.json").read_text())["training"]["config"]["adversarial_weight"] == 0.1
+
+
+@pytest.mark.slow
+def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, capsys):
+    from training.crossval import main as crossval
+
+    dataset = make_dataset(tmp_path / "toy")
+    path = write_config(tmp_path, dataset, epochs=2, folds=3, description="toy cross-validation, seconds on a CPU")
+    assert crossval([str(path), "--folds", "0"]) == 0
+    assert not (tmp_path / "out" / "toy-model-cv.json").exists(), "no summary before every fold is done"
+    assert crossval([str(path), "--ship"]) == 0
+    summary = json.loads((tmp_path / "out" / "toy-model-cv.json").read_text())
+    assert summary["folds"] == 3 and summary["cases"] == 6, "each case is validated exactly once"
+    splits = json.loads((tmp_path / "out" / "toy-model-splits.json").read_text())
+    for fold in range(3):
+        card = json.loads((tmp_path / "out" / f"toy-model-fold{fold}" / "model.json").read_text())
+        assert card["training"]["split"]["validation"] == splits[fold]["val"]
+        assert summary["per_fold"][fold]["dice"] == card["training"]["validation"]["mean"]
+    for label in ("Bright", "Other"):
+        assert summary["mean"][label] == pytest.approx(
+            np.mean([f["dice"][label] for f in summary["per_fold"]]), abs=1e-4
+        )
+    shipped = json.loads((tmp_path / "out" / "toy-model" / "model.json").read_text())
+    assert shipped["training"]["cross_validation"]["mean"] == summary["mean"]
+    assert shipped["training"]["config"]["description"] == "toy cross-validation, seconds on a CPU"
+    Segmenter(tmp_path / "out" / "toy-model", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["hippocampus.json", "hippocampus-nnunet.json"])
+def test_shipped_configs_load_and_say_how_long_they_take(name):
+    from conftest import REPO
+
+    config = load_config(REPO / "training" / "configs" / name)
+    assert "CPU" in config.description and any(unit in config.description for unit in ("minutes", "hours", "days"))
+    assert config.card["labels"][0]["name"] == "Anterior hippocampus"
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_brats_two_channel_case_folders_train_end_to_end(tmp_path, shared_data):
+    """FLAIR + T1c from ../shared/data/brats2013 (labels stored as float32) through training to a model folder."""
+    card = card_dict(id="brats-toy")
+    card.pop("weights")
+    card["modality"] = "MR"
+    card["channels"] = [{"name": "FLAIR", "modality": "MR"}, {"name": "T1c", "modality": "MR"}]
+    names = json.loads((shared_data / "brats2013" / "labels.json").read_text())["labels_OTMultiClass"]
+    card["labels"] = [
+        {"value": int(v), "name": name, "color": [60 * int(v), 100, 200]} for v, name in names.items() if v != "0"
+    ]
+    card["preprocessing"]["spacing"] = [2.0, 2.0, 2.0]  # 120x120x78: a CPU-sized test
+    card["inference"] = {"roi_size": [64, 64, 64], "overlap": 0.25, "blend_mode": "gaussian", "sw_batch_size": 2}
+    dataset = {
+        "layout": "case_folders",
+        "root": str(shared_data / "brats2013"),
+        "channels": ["Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"],
+        "label": "OTMultiClass.nii.gz",
+        "labels": names,
+    }
+    config = load_config(
+        write_config(
+            tmp_path, dataset, card=card, epochs=2, steps_per_epoch=3, patch_size=[64, 64, 64], validate_every=2
+        )
+    )
+    folder = train(config)
+    written = json.loads((folder / "model.json").read_text())
+    assert written["training"]["validation"]["cases"] == 2
+    assert set(written["training"]["validation"]["mean"]) == set(names.values()) - {"background"}
+    segmenter = Segmenter(folder, device="cpu")
+    assert [c.name for c in segmenter.card.channels] == ["FLAIR", "T1c"]
+    case = shared_data / "brats2013" / written["training"]["split"]["validation"][0]
+    images = [sitk.ReadImage(str(case / name)) for name in dataset["channels"]]
+    assert segmenter.segment(images).labelmap.GetSize() == images[0].GetSize()

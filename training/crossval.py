@@ -1,0 +1,100 @@
+"""k-fold cross-validation: train every fold of a config, and put the cross-validated Dice into the model card.
+
+    python -m training.crossval training/configs/hippocampus-nnunet.json [--folds 0 1] [--ship]
+
+Fold i is trained into ``<output>-fold<i>`` (its run folder beside it), on the splits file every fold shares.
+A fold whose model folder already exists is not trained again, so an interrupted cross-validation continues
+where it stopped (and a fold interrupted mid-way resumes from its checkpoint). When every fold is done,
+``<output>-cv.json`` gives each fold's validation Dice per label (each fold's held-out cases, segmented from
+files by the engine) and their mean over folds. ``--ship`` then copies the best fold's model folder to
+``output`` with the cross-validation summary in its card (``training.cross_validation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .config import TrainConfig, load_config
+from .train import staged_folder, train
+
+
+def fold_config(config: TrainConfig, fold: int) -> TrainConfig:
+    folded = copy.deepcopy(config)
+    folded.fold = fold
+    folded.output = f"{config.output}-fold{fold}"
+    folded.run_dir = f"{config.output}-fold{fold}.run"
+    folded.splits_file = str(config.splits_path if config.splits_file else Path(f"{config.output}-splits.json"))
+    return folded
+
+
+def summarise(config: TrainConfig) -> dict:
+    """Each fold's validation Dice per label and the mean over folds, from the folds' model cards."""
+    per_fold = []
+    for fold in range(config.folds):
+        card = json.loads((Path(fold_config(config, fold).output) / "model.json").read_text(encoding="utf-8"))
+        validation = card["training"]["validation"]
+        per_fold.append({"fold": fold, "cases": validation["cases"], "dice": validation["mean"]})
+    labels = list(per_fold[0]["dice"])
+    return {
+        "metric": "Dice, each fold's held-out cases segmented from files by the engine",
+        "folds": config.folds,
+        "cases": sum(f["cases"] for f in per_fold),
+        "mean": {label: round(float(np.mean([f["dice"][label] for f in per_fold])), 4) for label in labels},
+        "per_fold": per_fold,
+    }
+
+
+def ship(config: TrainConfig, summary: dict) -> Path:
+    """Copy the best fold's model folder to ``config.output``, its card carrying the cross-validation summary."""
+    best = max(summary["per_fold"], key=lambda f: np.mean(list(f["dice"].values())))["fold"]
+    source = Path(fold_config(config, best).output)
+    target = Path(config.output)
+    from medseg.models.folder import load_model_folder
+
+    with staged_folder(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        card = json.loads((tmp / "model.json").read_text(encoding="utf-8"))
+        card["training"]["cross_validation"] = {**summary, "shipped_fold": best}
+        (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        load_model_folder(tmp)  # the engine must accept what is shipped
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.crossval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="a training config with folds >= 2")
+    parser.add_argument("--folds", type=int, nargs="*", help="train only these folds (default: all)")
+    parser.add_argument("--ship", action="store_true", help="copy the best fold to the config's output with the CV")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = load_config(args.config)
+    if config.folds < 2:
+        print(f"{args.config}: set folds (for example 5) for cross-validation", file=sys.stderr)
+        return 2
+    for fold in args.folds if args.folds is not None else range(config.folds):
+        folded = fold_config(config, fold)
+        if (Path(folded.output) / "model.json").is_file():
+            continue
+        train(folded, command=f"python -m training.crossval {args.config} (fold {fold})", resume=True)
+    if not all((Path(fold_config(config, f).output) / "model.json").is_file() for f in range(config.folds)):
+        return 0
+    summary = summarise(config)
+    Path(f"{config.output}-cv.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps({"cross_validated_dice": summary["mean"], "folds": config.folds}))
+    if args.ship:
+        print(ship(config, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
