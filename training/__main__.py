@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from medseg.errors import MedSegError
+
 from .config import load_config
 from .train import train
 
@@ -36,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold is not None:
         config.fold = args.fold
     command = " ".join(["medseg-train", *(argv if argv is not None else sys.argv[1:])])
-    folder = train(config, command=command, resume=args.resume, stop_at_step=args.stop_at_step)
+    try:
+        folder = train(config, command=command, resume=args.resume, stop_at_step=args.stop_at_step)
+    except (MedSegError, ValueError) as exc:  # bad data or config: a message, not a traceback
+        print(f"medseg-train: error: {exc}", file=sys.stderr)
+        return 2
     if folder is not None:
         print(folder)
     return 0

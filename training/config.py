@@ -18,6 +18,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("poly", "cosine")
 AMP_MODES = ("auto", "off")
 LAYOUTS = ("msd", "folders", "case_folders")
+#: per dataset layout: (required keys, optional keys) besides "layout"
+DATASET_KEYS = {
+    "msd": (("root",), ()),
+    "folders": (("images", "labels_dir", "labels"), ("channels",)),
+    "case_folders": (("root", "channels", "label", "labels"), ()),
+}
 
 
 @dataclass
@@ -136,6 +142,11 @@ def check_config(config: TrainConfig, source: str) -> None:
         layout = config.dataset.get("layout", "msd")
         if layout not in LAYOUTS:
             raise ValueError(f"{source}: unknown dataset layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        required, optional = DATASET_KEYS[layout]
+        _refuse_unknown(config.dataset, {"layout", *required, *optional}, f"{source} (dataset, layout {layout})")
+        missing = sorted(set(required) - set(config.dataset))
+        if missing:
+            raise ValueError(f"{source}: the {layout} dataset layout needs {', '.join(missing)}")
     for axis in config.augmentation.flip_axes:
         if axis not in (0, 1, 2):
             raise ValueError(f"{source}: augmentation flip axis {axis} is not 0, 1 or 2")

@@ -40,6 +40,7 @@ class PreparedCase:
     case_id: str
     volume: np.ndarray  #: (C, X, Y, Z) float32, normalised
     label: np.ndarray  #: (X, Y, Z) uint8
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  #: mm along X, Y, Z of the network grid
 
 
 def read_msd_dataset(root: str | Path) -> tuple[list[Case], dict[int, str]]:
@@ -177,6 +178,11 @@ def load_or_make_splits(path: Path, case_ids: list[str], *, folds: int, validati
     path = Path(path)
     if path.is_file():
         splits = json.loads(path.read_text(encoding="utf-8"))
+        if len(splits) != max(folds, 1):
+            raise DatasetError(
+                f"{path}: holds {len(splits)} split(s), the config asks for {max(folds, 1)} "
+                f"({'folds' if folds else 'one validation fraction'}); delete the file or point splits_file elsewhere"
+            )
         named = {c for split in splits for part in ("train", "val") for c in split[part]}
         if named != set(case_ids):
             missing, extra = sorted(set(case_ids) - named), sorted(named - set(case_ids))
@@ -220,4 +226,5 @@ def prepare_case(case: Case, spec: Preprocessing, valid_values: set[int]) -> Pre
     if problem:
         raise DatasetError(f"{case.label}: its grid differs from {case.images[0]}: {problem}")
     volume, record = preprocess(images, spec)
-    return PreparedCase(case.case_id, volume, label_to_network_grid(label, record))
+    spacing = tuple(float(v) for v in record.network_reference.GetSpacing())
+    return PreparedCase(case.case_id, volume, label_to_network_grid(label, record), spacing)

@@ -170,11 +170,10 @@ def validate(network, cases: list[PreparedCase], card, device) -> dict[str, dict
     was_training = network.training
     network.eval()
     exact = InferenceOptions(precision="fp32")  # validation scores must not depend on a precision trial
-    spacing = card.preprocessing.spacing or (1.0, 1.0, 1.0)
     per_label: dict[int, list] = {label.value: [] for label in card.labels}
     for case in cases:
         probabilities = sliding_window_probabilities(network, case.volume, card.inference, device=device, options=exact)
-        scores = evaluate(np.argmax(probabilities, 0), case.label, list(per_label), spacing)
+        scores = evaluate(np.argmax(probabilities, 0), case.label, list(per_label), case.spacing)
         for value, metrics in scores.items():
             per_label[value].append(metrics)
     network.train(was_training)

@@ -314,6 +314,8 @@ def test_kfold_splits_are_saved_disjoint_and_reused(tmp_path):
     assert load_or_make_splits(path, list(reversed(ids)), folds=5, validation_fraction=0.2, seed=99) == splits
     with pytest.raises(DatasetError, match=r"splits.json: the saved splits do not match the dataset"):
         load_or_make_splits(path, ids + ["case_new"], folds=5, validation_fraction=0.2, seed=3)
+    with pytest.raises(DatasetError, match=r"splits.json: holds 5 split\(s\), the config asks for 1"):
+        load_or_make_splits(path, ids, folds=0, validation_fraction=0.2, seed=3)
 
 
 @pytest.mark.slow
@@ -427,6 +429,23 @@ def test_a_card_with_other_channels_than_the_dataset_is_refused(tmp_path):
         ({"amp": "fp8"}, r"unknown amp 'fp8'; choose one of auto, off"),
         ({"export": ["tflite"]}, r"unknown export 'tflite'"),
         ({"dataset": {"layout": "nnunet", "root": "x"}}, r"unknown dataset layout 'nnunet'"),
+        (
+            {"dataset": {"layout": "folders", "images": "i", "labels": {}}},
+            r"the folders dataset layout needs labels_dir",
+        ),
+        (
+            {
+                "dataset": {
+                    "layout": "case_folders",
+                    "root": "r",
+                    "channels": [],
+                    "label": "l",
+                    "labels": {},
+                    "chanels": 2,
+                }
+            },
+            r"\(dataset, layout case_folders\): unknown config key\(s\) \['chanels'\]",
+        ),
     ],
 )
 def test_config_mistakes_are_refused_before_any_data_is_read(tmp_path, overrides, message):
@@ -576,3 +595,45 @@ def test_brats_two_channel_case_folders_train_end_to_end(tmp_path, shared_data):
     case = shared_data / "brats2013" / written["training"]["split"]["validation"][0]
     images = [sitk.ReadImage(str(case / name)) for name in dataset["channels"]]
     assert segmenter.segment(images).labelmap.GetSize() == images[0].GetSize()
+
+
+def test_the_command_reports_bad_data_without_a_traceback(tmp_path, capsys):
+    from training.__main__ import main
+
+    dataset = make_dataset(tmp_path / "toy", label_values=(0, 1, 7))
+    assert main([str(write_config(tmp_path, dataset))]) == 2
+    error = capsys.readouterr().err
+    assert "medseg-train: error:" in error and "label value(s) [7] not in dataset.json" in error
+    assert "Traceback" not in error
+    assert main([str(write_config(tmp_path, dataset, epocs=1))]) == 2
+    assert "unknown config key(s) ['epocs']" in capsys.readouterr().err
+
+
+def test_validation_metrics_are_per_label_and_in_millimetres():
+    """A 'network' that returns the reference shifted by one voxel along x: known Dice, IoU and HD95."""
+    import torch
+    from medseg.models.card import card_from_dict
+
+    from training.data import PreparedCase
+    from training.train import validate
+
+    label = np.zeros((20, 16, 12), np.uint8)
+    label[4:14, 4:12, 3:9] = 1
+    label[14:18, 4:12, 3:9] = 2
+
+    class Shifted(torch.nn.Module):
+        def forward(self, x):
+            classes = torch.round(x[:, 0]).long().clamp(0, 2)
+            return torch.roll(torch.nn.functional.one_hot(classes, 3).permute(0, 4, 1, 2, 3).float() * 10, 1, 2)
+
+    draft = card_dict()
+    draft["inference"] = {"roi_size": [20, 16, 12], "overlap": 0.0, "blend_mode": "constant", "sw_batch_size": 1}
+    card = card_from_dict(draft)
+    case = PreparedCase("c", label[None].astype(np.float32), label, spacing=(2.0, 1.0, 1.0))
+    metrics = validate(Shifted(), [case], card, torch.device("cpu"))
+    # label 1: 10 x-slices shifted by one -> 9 shared of 10
+    assert metrics["Bright"]["dice"] == pytest.approx(0.9, abs=1e-4)
+    assert metrics["Bright"]["iou"] == pytest.approx(9 / 11, abs=1e-4)
+    for name in ("dice", "precision", "recall"):  # label 2: 3 of 4 slices shared, one lost, one gained
+        assert metrics["Other"][name] == pytest.approx(0.75, abs=1e-4)
+    assert metrics["Bright"]["hd95"] == pytest.approx(2.0, abs=1e-4), "one voxel along x is 2 mm"
