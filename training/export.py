@@ -228,3 +228,55 @@ def export_all(folder: Path, config, validation_cases, training_cases) -> dict[s
     return export_model(
         folder, config.run_path / "exports", config.export, validation_cases, training_cases, seed=config.seed
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.export CONFIG [--model FOLDER]``: export a trained model folder after the fact.
+
+    The validation cases are those the folder's card records (``training.split.validation``); the int8
+    calibration uses up to 16 of its training cases. Exports go to ``--out`` (default ``<run_dir>/exports``).
+    """
+    import argparse
+    import sys
+
+    from medseg.errors import MedSegError
+    from medseg.models.card import read_card
+
+    from .config import EXPORTS, load_config
+    from .data import prepare_case, read_dataset
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.export", description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="the training config that made the model (for its dataset)")
+    parser.add_argument("--model", help="the model folder (default: the config's output)")
+    parser.add_argument("--out", help="where the exports go (default: <run_dir>/exports)")
+    parser.add_argument("--kinds", nargs="+", choices=EXPORTS, default=list(EXPORTS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = load_config(args.config)
+        folder = Path(args.model or config.output)
+        card = read_card(folder)
+        split = card.training.get("split", {})
+        if not split.get("validation"):
+            raise ValueError(f"{folder}: its card records no validation cases (training.split.validation)")
+        cases, labels = read_dataset(config.dataset)
+        by_id = {case.case_id: case for case in cases}
+        missing = sorted(set(split["validation"]) - set(by_id))
+        if missing:
+            raise ValueError(f"{folder}: validation cases {missing[:5]} are not in the config's dataset")
+        values = set(labels)
+        validation = [prepare_case(by_id[c], card.preprocessing, values) for c in split["validation"]]
+        training = [prepare_case(by_id[c], card.preprocessing, values) for c in split.get("train", [])[:16]]
+        out = Path(args.out) if args.out else config.run_path / "exports"
+        report = export_model(folder, out, args.kinds, validation, training or validation, seed=config.seed)
+    except (MedSegError, ValueError, OSError) as exc:
+        print(f"python -m training.export: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

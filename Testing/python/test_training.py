@@ -637,3 +637,19 @@ def test_validation_metrics_are_per_label_and_in_millimetres():
     for name in ("dice", "precision", "recall"):  # label 2: 3 of 4 slices shared, one lost, one gained
         assert metrics["Other"][name] == pytest.approx(0.75, abs=1e-4)
     assert metrics["Bright"]["hd95"] == pytest.approx(2.0, abs=1e-4), "one voxel along x is 2 mm"
+
+
+@pytest.mark.slow
+def test_a_trained_folder_can_be_exported_afterwards(tmp_path, capsys):
+    from training.export import main as export
+
+    dataset = make_dataset(tmp_path / "toy")
+    path = write_config(tmp_path, dataset, epochs=2)
+    folder = train(load_config(path))
+    assert export([str(path), "--kinds", "torchscript", "onnx", "--out", str(tmp_path / "exp")]) == 0
+    report = json.loads((tmp_path / "exp" / "report.json").read_text())
+    assert set(report) >= {"pytorch_fp32", "torchscript", "onnx"} and "int8" not in report
+    assert report["cases"] == len(json.loads((folder / "model.json").read_text())["training"]["split"]["validation"])
+    capsys.readouterr()
+    assert export([str(path), "--model", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
