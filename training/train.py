@@ -641,11 +641,13 @@ def plot_history(history: list[dict], run_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [entry["epoch"] for entry in history]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.plot(epochs, [entry["loss"] for entry in history], color="#0072B2")
     axes.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(run_dir / "loss.png", dpi=100)
@@ -657,6 +659,7 @@ def plot_history(history: list[dict], run_dir: Path) -> None:
             [e["epoch"] for e in validated], [e["validation"][name]["dice"] for e in validated], marker="o", label=name
         )
     axes.set(xlabel="epoch", ylabel="Dice", title="Validation Dice per label", ylim=(0, 1))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if validated:
         axes.legend(loc="lower right")
     axes.grid(alpha=0.3)
