@@ -252,6 +252,7 @@ class Distributed:
 
 
 RESUME_IGNORED = {
+    "description",
     "epochs",
     "early_stopping",
     "progress",
