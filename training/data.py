@@ -73,10 +73,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _stem(path: Path) -> str:
-    for suffix in IMAGE_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
+    """The file name without its image suffix (``.nii.gz`` kept whole), as the engine reads suffixes."""
+    return path.name[: len(path.name) - len(io.image_suffix(path))]
 
 
 def _label_names(spec: dict, where: str) -> dict[int, str]:
@@ -228,3 +226,23 @@ def prepare_case(case: Case, spec: Preprocessing, valid_values: set[int]) -> Pre
     volume, record = preprocess(images, spec)
     spacing = tuple(float(v) for v in record.network_reference.GetSpacing())
     return PreparedCase(case.case_id, volume, label_to_network_grid(label, record), spacing)
+
+
+def random_patch(case: PreparedCase, patch: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A patch of ``patch`` size at a random place, zero-padded where the volume is smaller (as MONAI pads)."""
+    volume, label = case.volume, case.label
+    out_v = np.zeros((volume.shape[0], *patch), np.float32)
+    out_l = np.zeros(patch, np.uint8)
+    src, dst = [], []
+    for size, p in zip(label.shape, patch):
+        if size >= p:
+            s = int(rng.integers(0, size - p + 1))
+            src.append(slice(s, s + p))
+            dst.append(slice(0, p))
+        else:
+            d = int(rng.integers(0, p - size + 1))
+            src.append(slice(0, size))
+            dst.append(slice(d, d + size))
+    out_v[(slice(None), *dst)] = volume[(slice(None), *src)]
+    out_l[tuple(dst)] = label[tuple(src)]
+    return out_v, out_l

@@ -53,21 +53,12 @@ class OnnxNetwork(torch.nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0]).to(x.device)
 
 
-def _windows(cases, roi, channels: int, count: int, seed: int) -> list[np.ndarray]:
+def _windows(cases, roi, count: int, seed: int) -> list[np.ndarray]:
     """``count`` real windows (1, C, *roi) cut from the cases at seeded places, zero-padded as MONAI pads."""
+    from .data import random_patch
+
     rng = np.random.default_rng(seed)
-    windows = []
-    for i in range(count):
-        volume = cases[i % len(cases)].volume
-        window = np.zeros((1, channels, *roi), np.float32)
-        src, dst = [], []
-        for size, r in zip(volume.shape[1:], roi):
-            start = int(rng.integers(0, size - r + 1)) if size >= r else 0
-            src.append(slice(start, start + min(size, r)))
-            dst.append(slice(0, min(size, r)))
-        window[(0, slice(None), *dst)] = volume[(slice(None), *src)]
-        windows.append(window)
-    return windows
+    return [random_patch(cases[i % len(cases)], roi, rng)[0][None] for i in range(count)]
 
 
 def _score(network, cases, card, options) -> tuple[dict[str, float], float]:
@@ -119,9 +110,9 @@ def export_model(
 
     model = load_model_folder(folder)
     card, network = model.card, model.network.float().eval()
-    channels, roi = len(card.channels), tuple(card.inference.roi_size)
+    roi = tuple(card.inference.roi_size)
     out.mkdir(parents=True, exist_ok=True)
-    windows = _windows(validation_cases, roi, channels, 4, seed)
+    windows = _windows(validation_cases, roi, 4, seed)
     exact = InferenceOptions(precision="fp32")
     dice, seconds = _score(network, validation_cases, card, exact)
     report: dict[str, Any] = {
@@ -182,7 +173,7 @@ def export_model(
         report["fp16"]["precision"] = precision
     if "int8" in kinds:
         path = out / "model.int8.onnx"
-        _quantize(onnx_path, path, _windows(training_cases, roi, channels, 8, seed + 1))
+        _quantize(onnx_path, path, _windows(training_cases, roi, 8, seed + 1))
         record("int8", OnnxNetwork(path), path)
         if "onnx" not in kinds:
             onnx_path.unlink()

@@ -37,7 +37,15 @@ from .config import (
     check_config,
     load_config,
 )
-from .data import DatasetError, PreparedCase, load_or_make_splits, prepare_case, read_dataset, read_label
+from .data import (
+    DatasetError,
+    PreparedCase,
+    load_or_make_splits,
+    prepare_case,
+    random_patch,
+    read_dataset,
+    read_label,
+)
 
 __all__ = [
     "LOSSES",
@@ -110,28 +118,6 @@ def _card_draft(config: TrainConfig) -> dict[str, Any]:
     return draft
 
 
-def _random_patch(
-    case: PreparedCase, patch: tuple[int, ...], rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """A patch of ``patch`` size at a random place, zero-padded where the volume is smaller (as MONAI pads)."""
-    volume, label = case.volume, case.label
-    out_v = np.zeros((volume.shape[0], *patch), np.float32)
-    out_l = np.zeros(patch, np.uint8)
-    src, dst = [], []
-    for size, p in zip(label.shape, patch):
-        if size >= p:
-            s = int(rng.integers(0, size - p + 1))
-            src.append(slice(s, s + p))
-            dst.append(slice(0, p))
-        else:
-            d = int(rng.integers(0, p - size + 1))
-            src.append(slice(0, size))
-            dst.append(slice(d, d + size))
-    out_v[(slice(None), *dst)] = volume[(slice(None), *src)]
-    out_l[tuple(dst)] = label[tuple(src)]
-    return out_v, out_l
-
-
 def steps_per_epoch(config: TrainConfig, n_cases: int) -> int:
     return config.steps_per_epoch or max(1, n_cases // config.batch_size)
 
@@ -151,7 +137,7 @@ def make_batch(cases: list[PreparedCase], config: TrainConfig, step: int, order:
     for j in positions:
         rng = np.random.default_rng([config.seed, epoch, batch, j])
         case = cases[order[batch * config.batch_size + j]]
-        volume, label = augment(*_random_patch(case, config.patch_size, rng), config.augmentation, rng)
+        volume, label = augment(*random_patch(case, config.patch_size, rng), config.augmentation, rng)
         volumes.append(volume)
         labels.append(label)
     return torch.from_numpy(np.stack(volumes)), torch.from_numpy(np.stack(labels)[:, None].astype(np.int64))
