@@ -16,8 +16,15 @@ Variants, each in its own child process (so ``peak_rss_MiB`` / ``peak_gpu_MiB`` 
   SaveImaged;
 * ``medseg`` (``--precision auto``, the default), ``medseg-fp32``, ``medseg-bf16``, ``medseg-fp16``:
   ``Segmenter.segment_files``, file in and file out, and its network part on the same input as ``monai``;
+  a third part names the float32 backend: ``medseg-fp32-torch``, ``medseg-auto-torch`` (the default, ``auto``,
+  is OpenVINO when installed). Converted networks are cached in a fresh folder per invocation, so ``first_*``
+  includes the conversion;
   ``medseg-preview``: the same with ``preview=True`` (the fast preview);
-* ``model``: the model alone, weights plus one window batch through it: the "plus the model" of the memory target.
+* ``model``: the model alone, weights plus one window batch through it: the "plus the model" of the memory target;
+* with OpenVINO installed, on the CPU: ``convert`` first converts the network for OpenVINO into this invocation's
+  cache (``conversion_seconds``, a one-time cost per model and machine), and ``model-openvino`` is the model as
+  OpenVINO runs it (PyTorch weights, compiled network, one window batch). A variant whose float32 windows ran in
+  OpenVINO holds both runtimes, so its budget's model is the larger of ``model`` and ``model-openvino``.
 
 ``peak_rss_MiB`` is the resident high-water mark above what the child held once torch, MONAI and MedSeg were
 imported; for MedSeg it is that of the file-in, file-out runs alone (the high-water mark is reset after the network
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -228,9 +236,9 @@ def run_medseg(folder: Path, image_path: Path, device: str, repeats: int, work: 
     )
     from medseg.segmenter import Segmenter
 
-    kind = variant.partition("-")[2]
+    kind, _, backend = variant.partition("-")[2].partition("-")  # medseg[-precision[-backend]]
     preview = kind == "preview"
-    options = InferenceOptions(precision="auto" if preview or not kind else kind)
+    options = InferenceOptions(precision="auto" if preview or not kind else kind, backend=backend or "auto")
     segmenter = Segmenter(folder, device=device, inference=options)
     card, volume = network_input(folder, image_path)
     settings = card.inference
@@ -272,6 +280,7 @@ def run_medseg(folder: Path, image_path: Path, device: str, repeats: int, work: 
         "first_end_to_end_seconds": first_end_to_end,
         "network_part_peak_rss_MiB": round(network_peak - BASELINE["rss"], 1),
         "precision": report.precision,
+        "backend": report.backend,
         "window_batch": report.window_batch,
         "windows": report.windows,
         "stages": {k: round(v, 3) for k, v in result.seconds.items()},
@@ -297,6 +306,33 @@ def run_model(folder: Path, image_path: Path, device: str, repeats: int, work: P
         network(x)
     parameters = sum(p.numel() * p.element_size() for p in network.parameters())
     return {"parameters_MiB": round(parameters / 2**20, 1), "window_batch": CPU_WINDOW_BATCH}
+
+
+def run_model_openvino(folder: Path, image_path: Path, device: str, repeats: int, work: Path) -> dict:
+    """The model as OpenVINO runs it: the PyTorch weights MedSeg keeps, the compiled network (read from the cache
+    the ``convert`` step filled) and one window batch through it."""
+    import torch
+    from medseg.backends import openvino_network
+    from medseg.inference import CPU_WINDOW_BATCH
+    from medseg.models.folder import load_model_folder
+
+    loaded = load_model_folder(folder)
+    shape = (len(loaded.card.channels), *loaded.card.inference.roi_size)
+    compiled = openvino_network(loaded.network, shape)
+    compiled(torch.zeros((CPU_WINDOW_BATCH, *shape)))
+    return {"source": compiled.source, "window_batch": CPU_WINDOW_BATCH}
+
+
+def run_convert(folder: Path, image_path: Path, device: str, repeats: int, work: Path) -> dict:
+    """Convert the network for OpenVINO once and fill the invocation's cache: a one-time cost per model and
+    machine, reported on its own (the MedSeg variants then read the converted network from the cache)."""
+    from medseg.backends import openvino_network
+    from medseg.models.folder import load_model_folder
+
+    loaded = load_model_folder(folder)
+    start = time.perf_counter()
+    compiled = openvino_network(loaded.network, (len(loaded.card.channels), *loaded.card.inference.roi_size))
+    return {"conversion_seconds": round(time.perf_counter() - start, 2), "source": compiled.source}
 
 
 def run_tutorial(folder: Path, image_path: Path, device: str, repeats: int, work: Path) -> dict:
@@ -367,6 +403,10 @@ def child(args) -> None:
     import monai.transforms  # noqa: F401
     import torch
 
+    try:
+        import openvino  # noqa: F401  (a library too; the networks it compiles are counted)
+    except ImportError:
+        pass
     torch.manual_seed(0)
     work = Path(args.work)
     before = BASELINE["rss"] = status_mib("VmRSS")
@@ -375,7 +415,13 @@ def child(args) -> None:
     if args.variant.startswith("medseg"):
         row = run_medseg(Path(args.folder), Path(args.image), args.device, args.repeats, work, args.variant)
     else:
-        runner = {"monai": run_monai, "tutorial": run_tutorial, "model": run_model}[args.variant]
+        runner = {
+            "monai": run_monai,
+            "tutorial": run_tutorial,
+            "model": run_model,
+            "model-openvino": run_model_openvino,
+            "convert": run_convert,
+        }[args.variant]
         row = runner(Path(args.folder), Path(args.image), args.device, args.repeats, work)
     row = {"variant": args.variant, **row}
     if args.device.startswith("cuda"):
@@ -408,7 +454,8 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["monai", "tutorial", "model", "medseg", "medseg-fp32", "medseg-bf16"],
-        help="monai, tutorial, model, medseg (auto precision), medseg-fp32, medseg-bf16, medseg-fp16, medseg-preview",
+        help="monai, tutorial, model, medseg (auto precision), medseg-fp32, medseg-bf16, medseg-fp16, medseg-preview; "
+        "a MedSeg variant with a backend suffix (medseg-fp32-torch, medseg-auto-torch) forces that backend",
     )
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "FOLDER", "IMAGE", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -447,7 +494,16 @@ def main() -> None:
             )
         )
         rows = {}
-        for variant in args.variants:
+        variants = list(args.variants)
+        if (
+            args.device == "cpu"
+            and importlib.util.find_spec("openvino")
+            and any(v.startswith("medseg") and not v.endswith("-torch") for v in variants)
+        ):  # MedSeg's float32 windows may run in OpenVINO: convert once, and measure that model's memory too
+            variants.insert(0, "convert")
+            if "model" in variants:
+                variants.insert(variants.index("model") + 1, "model-openvino")
+        for variant in variants:
             done = subprocess.run(
                 [
                     sys.executable,
@@ -465,6 +521,7 @@ def main() -> None:
                 capture_output=True,
                 text=True,
                 check=False,
+                env={**os.environ, "MEDSEG_CACHE_DIR": str(work / "cache")},  # conversions start afresh
             )
             if done.returncode != 0:
                 print(json.dumps({"variant": variant, "error": done.stderr.strip().splitlines()[-1:]}))
@@ -492,8 +549,13 @@ def summary(variant: str, rows: dict, work: Path, input_mib: float) -> dict:
         )
     if variant != "medseg" and "medseg" in rows:
         out["agreement_labelmap_vs_medseg"] = agreement(work / f"{variant}_labels.npy", work / "medseg_labels.npy")
-    if "model" in rows:
-        budget = 4 * input_mib + rows["model"]["peak_rss_MiB"]
+    models = [m for m in ("model", "model-openvino") if m in rows]
+    if row.get("backend") != "openvino":
+        models = models[:1] if models and models[0] == "model" else []
+    if models:  # the model as this variant ran it; with OpenVINO the process holds both runtimes' (the larger)
+        model = max(models, key=lambda m: rows[m]["peak_rss_MiB"])
+        budget = 4 * input_mib + rows[model]["peak_rss_MiB"]
+        out["memory_budget_model"] = model
         out["memory_budget_MiB"] = round(budget, 1)
         out["memory_within_budget"] = row["peak_rss_MiB"] <= budget
     return out

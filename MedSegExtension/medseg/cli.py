@@ -132,6 +132,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 #: ``medseg.inference.PRECISIONS``, repeated so that parsing the command line does not import torch (a test checks)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``medseg.backends.BACKENDS``, repeated for the same reason
+BACKENDS = ("auto", "torch", "openvino")
 
 
 def _inference_options(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +152,13 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         help="windows per network call (default: 2 on the CPU, from free memory on a GPU)",
     )
     group.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what runs float32 windows on the CPU: auto (OpenVINO when installed, else PyTorch), torch or "
+        "openvino (default: %(default)s)",
+    )
+    group.add_argument(
         "--tta", action="store_true", help="test-time augmentation: average the 8 mirrorings of each window (8x slower)"
     )
 
@@ -159,7 +168,10 @@ def _inference_settings(args: argparse.Namespace):
 
     try:
         return InferenceOptions(
-            precision=args.precision, window_batch=args.window_batch, mirror_axes=(0, 1, 2) if args.tta else ()
+            precision=args.precision,
+            window_batch=args.window_batch,
+            mirror_axes=(0, 1, 2) if args.tta else (),
+            backend=args.backend,
         )
     except ValueError as exc:
         raise MedSegError(str(exc)) from None
@@ -239,7 +251,10 @@ class _ProgressBar:
 def _print_result(result, output: Path, seconds: float) -> None:
     card = result.card
     report = result.inference
-    print(f"model      {card.id} {card.version} on {result.device} ({report.precision}, {report.windows} windows)")
+    print(
+        f"model      {card.id} {card.version} on {result.device} "
+        f"({report.precision} in {report.backend}, {report.windows} windows)"
+    )
     if result.preview:
         print("PREVIEW    a quick look at the network's resolution, not for measurement")
     print(f"output     {output.resolve()}")
@@ -304,6 +319,7 @@ def _segment(args: argparse.Namespace) -> int:
             seconds=result.seconds,
             preview=result.preview,
             precision=result.inference.precision,
+            backend=result.inference.backend,
         )
     elif not args.quiet:
         _print_result(result, Path(args.output), time.perf_counter() - start)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(REPO))  # the training package lives at the repository root
 
 from helpers import write_model_folder  # noqa: E402
+
+# converted networks (medseg.backends) are cached here, not in the user's ~/.cache; subprocesses inherit it
+os.environ.setdefault("MEDSEG_CACHE_DIR", tempfile.mkdtemp(prefix="medseg-test-cache-"))
 
 
 def shared_data_dir() -> Path:

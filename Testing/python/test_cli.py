@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -246,9 +247,15 @@ def test_inference_benchmark_runs_every_variant_and_reports_ratios(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert not [row for row in rows if "error" in row], rows
     variants = {row["variant"]: row for row in rows if "variant" in row}
-    assert set(variants) == {"monai", "tutorial", "model", "medseg", "medseg-fp32", "medseg-bf16"}, rows
-    assert all(row["network_seconds"] > 0 for name, row in variants.items() if name != "model")
+    openvino = importlib.util.find_spec("openvino") is not None  # then: a conversion step and its model's memory
+    expected = {"monai", "tutorial", "model", "medseg", "medseg-fp32", "medseg-bf16"}
+    assert set(variants) == expected | ({"convert", "model-openvino"} if openvino else set()), rows
+    assert all(variants[name]["network_seconds"] > 0 for name in expected - {"model"})
     assert variants["medseg-fp32"]["precision"] == "fp32" and variants["medseg-bf16"]["precision"] == "bf16"
+    assert variants["medseg-fp32"]["backend"] == ("openvino" if openvino else "torch")
+    assert variants["medseg-bf16"]["backend"] == "torch"
+    if openvino:
+        assert variants["convert"]["source"] == "converted" and variants["model-openvino"]["source"] == "cache"
     summaries = {row["summary"]: row for row in rows if "summary" in row}
     assert set(summaries) == {"medseg", "medseg-fp32", "medseg-bf16"}
     for summary in summaries.values():
@@ -263,7 +270,11 @@ def test_inference_options_reach_the_engine(tmp_path, scan, tiny_model, capsys):
     base = ["segment", scan, "--model", tiny_model, "--device", "cpu"]
     code, out, err = run([*base, "-o", tmp_path / "fp32.nii.gz", "--precision", "fp32", "--tta"], capsys)
     assert code == 0, err
-    assert "(fp32, " in out and "PREVIEW" not in out
+    assert "(fp32 in " in out and "PREVIEW" not in out
+    torch_only = ["-o", tmp_path / "torch.nii.gz", "--precision", "fp32", "--backend", "torch", "--progress-json"]
+    code, out, err = run([*base, *torch_only], capsys)
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["backend"] == "torch"
     code, out, err = run([*base, "-o", tmp_path / "preview.nii.gz", "--preview", "--progress-json"], capsys)
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
@@ -285,12 +296,13 @@ def test_bad_inference_options_are_clear_errors(tmp_path, scan, tiny_model, caps
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_parsing_the_command_line_does_not_import_torch_and_knows_every_precision():
+def test_parsing_the_command_line_does_not_import_torch_and_knows_every_precision_and_backend():
     code = (
-        "import sys; from medseg.cli import _parser, PRECISIONS; _parser().parse_args(['models']); "
-        "print('torch' in sys.modules, ','.join(PRECISIONS))"
+        "import sys; from medseg.cli import _parser, PRECISIONS, BACKENDS; _parser().parse_args(['models']); "
+        "print('torch' in sys.modules, ','.join(PRECISIONS), ','.join(BACKENDS))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", check=True)
+    from medseg.backends import BACKENDS
     from medseg.inference import PRECISIONS
 
-    assert done.stdout.split() == ["False", ",".join(PRECISIONS)]
+    assert done.stdout.split() == ["False", ",".join(PRECISIONS), ",".join(BACKENDS)]

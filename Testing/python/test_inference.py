@@ -27,7 +27,8 @@ from monai.inferers.utils import _get_scan_interval
 from monai.networks.nets import UNet
 
 CPU = torch.device("cpu")
-FP32 = InferenceOptions(precision="fp32")
+#: the float32 loop in PyTorch: these tests are about the windows and blending (test_backends.py covers OpenVINO)
+FP32 = InferenceOptions(precision="fp32", backend="torch")
 
 
 class Doubling(torch.nn.Module):
@@ -121,7 +122,7 @@ def test_float32_result_is_plain_monai_sliding_window(mode, shape, roi, overlap,
     net = small_unet()
     volume = np.random.default_rng(2).normal(size=(1, *shape)).astype(np.float32)
     settings = InferenceSettings(roi_size=roi, overlap=overlap, blend_mode=mode)
-    options = InferenceOptions(precision="fp32", window_batch=batch)
+    options = InferenceOptions(precision="fp32", window_batch=batch, backend="torch")
     out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options)
     expected = monai_probabilities(net, volume, roi, overlap, mode)
     assert out.shape == expected.shape == (3, *shape)
@@ -224,7 +225,7 @@ def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(monkeypatch, caplo
     settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.0, blend_mode="constant")
     volume = np.ones((1, 16, 16, 8), np.float32)
     report = InferenceReport()
-    options = InferenceOptions(precision="fp32", window_batch=4)
+    options = InferenceOptions(precision="fp32", window_batch=4, backend="torch")
     with caplog.at_level("WARNING", logger="medseg.inference"):
         out = sliding_window_probabilities(
             net, volume, settings, device=torch.device("cuda"), options=options, report=report
@@ -310,7 +311,8 @@ def test_auto_keeps_float32_for_an_unsure_model():
     volume = np.random.default_rng(1).normal(size=(1, 40, 36, 30)).astype(np.float32)
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
     report = InferenceReport()
-    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    auto = InferenceOptions(backend="torch")  # the float32 rerun in the same backend as FP32: equal arrays
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report, options=auto)
     exact = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32)
     assert report.precision == "fp32"
     assert report.calibration_disagreement > inference.DISAGREEMENT_BUDGET
@@ -329,7 +331,8 @@ def test_auto_redoes_the_run_in_float32_when_the_rest_of_the_volume_is_unsure():
     volume[:, 24:40] = 1.0  # a confident middle, where the trial runs
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
     report = InferenceReport()
-    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    auto = InferenceOptions(backend="torch")  # the float32 rerun in the same backend as FP32: equal arrays
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report, options=auto)
     exact = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32)
     assert report.calibration_disagreement <= inference.DISAGREEMENT_BUDGET
     assert report.estimated_disagreement > inference.DISAGREEMENT_BUDGET
@@ -350,7 +353,11 @@ def test_mirroring_averages_the_flipped_windows():
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode="constant")
     plain = sliding_window_probabilities(PositionRamp(), volume, settings, device=CPU, options=FP32)
     mirrored = sliding_window_probabilities(
-        PositionRamp(), volume, settings, device=CPU, options=InferenceOptions("fp32", mirror_axes=(0, 1, 2))
+        PositionRamp(),
+        volume,
+        settings,
+        device=CPU,
+        options=InferenceOptions("fp32", mirror_axes=(0, 1, 2), backend="torch"),
     )
     # mirrored along x, each window's ramp averages to (16 - 1) / 32 everywhere
     expected = torch.softmax(torch.from_numpy(np.concatenate([0 * volume, volume + 15 / 32])), 0).numpy()
@@ -358,7 +365,11 @@ def test_mirroring_averages_the_flipped_windows():
     assert np.abs(plain - expected).max() > 0.05
     counting = Counting(PositionRamp())
     sliding_window_probabilities(
-        counting, volume, settings, device=CPU, options=InferenceOptions("fp32", window_batch=1, mirror_axes=(0, 2))
+        counting,
+        volume,
+        settings,
+        device=CPU,
+        options=InferenceOptions("fp32", window_batch=1, mirror_axes=(0, 2), backend="torch"),
     )
     assert counting.windows == 4 * count_windows(volume.shape[1:], (16, 16, 16), 0.5)
 

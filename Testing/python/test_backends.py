@@ -1,0 +1,197 @@
+"""OpenVINO as the CPU's float32 backend (medseg.backends): same answer as PyTorch, cached, refused when wrong.
+
+Real OpenVINO, real MONAI networks, real files in a per-test cache folder. OpenVINO is in the ``dev`` extra, so
+these tests run in CI; a machine without it skips them (the engine then runs everything in PyTorch).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from medseg import backends
+from medseg.errors import MedSegError
+from medseg.inference import (
+    DeviceError,
+    InferenceOptions,
+    InferenceReport,
+    sliding_window_probabilities,
+)
+from medseg.models.card import InferenceSettings
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+
+pytest.importorskip("openvino")
+
+CPU = torch.device("cpu")
+WINDOW = (1, 24, 24, 24)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "openvino"
+
+
+def unet(seed: int = 0, classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return UNet(3, 1, classes, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / (b.max() - b.min()))
+
+
+def test_openvino_gives_pytorchs_logits_for_any_window_batch_and_caches_the_conversion(own_cache):
+    net = unet()
+    compiled = backends.openvino_network(net, WINDOW)
+    assert compiled.source == "converted"
+    for batch in (1, 2, 3):  # the window batch is a dynamic dimension
+        x = torch.randn(batch, *WINDOW, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            expected = net(x)
+        got = compiled(x)
+        assert got.shape == expected.shape
+        assert relative_difference(got, expected) < 1e-4
+        assert float((got.argmax(1) == expected.argmax(1)).float().mean()) > 0.9999
+    # the same object again: the compiled network held in memory
+    assert backends.openvino_network(net, WINDOW) is compiled
+    # an equal network in another object (a new process, as far as memory goes): read from the disk cache
+    (entry,) = own_cache.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    again = backends.openvino_network(copy.deepcopy(net), WINDOW)
+    assert again.source == "cache"
+    x = torch.randn(2, *WINDOW)
+    torch.testing.assert_close(again(x), compiled(x))
+
+
+def test_changed_weights_or_window_get_their_own_conversion(own_cache):
+    net = unet()
+    backends.openvino_network(net, WINDOW)
+    with torch.no_grad():
+        net.model[0].conv.unit0.conv.weight.mul_(-1.0)  # in place: the same tensors, new values
+    changed = backends.openvino_network(net, WINDOW)
+    assert changed.source == "converted"
+    x = torch.randn(1, *WINDOW)
+    with torch.inference_mode():
+        assert relative_difference(changed(x), net(x)) < 1e-4
+    assert backends.openvino_network(net, (1, 32, 32, 32)).source == "converted"
+    assert len(list(own_cache.iterdir())) == 3
+
+
+def test_a_damaged_cache_entry_is_ignored_and_replaced(own_cache, caplog):
+    net = unet()
+    backends.openvino_network(net, WINDOW)
+    (entry,) = own_cache.iterdir()
+    weights = entry / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with caplog.at_level(logging.WARNING, logger="medseg.backends"):
+        fresh = backends.openvino_network(copy.deepcopy(net), WINDOW)
+    assert fresh.source == "converted"
+    assert "model.bin does not match its recorded SHA-256" in caplog.text
+    assert backends.openvino_network(copy.deepcopy(net), WINDOW).source == "cache"  # rewritten whole
+
+
+class SignFromInput(torch.nn.Module):
+    """Data-dependent Python control flow: a trace freezes the branch its example input took (the zeros' one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        sign = 1.0 if float(x.abs().sum()) > 0 else -1.0
+        return sign * self.conv(x)
+
+
+def test_a_network_openvino_gets_wrong_is_refused_before_it_runs(own_cache):
+    net = SignFromInput().eval()
+    with pytest.raises(backends.BackendUnavailableError, match="differs from PyTorch's on a check window"):
+        backends.openvino_network(net, WINDOW)
+    assert not own_cache.exists() or not list(own_cache.iterdir())  # nothing cached
+    volume = np.random.default_rng(0).normal(size=(1, 30, 30, 30)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32"), report=report
+    )
+    assert report.backend == "torch" and "float32 windows run in PyTorch" in report.notes[0]
+    torch_only = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
+    )
+    np.testing.assert_array_equal(out, torch_only)
+    with pytest.raises(MedSegError, match="backend openvino: OpenVINO's result differs"):
+        sliding_window_probabilities(
+            net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="openvino")
+        )
+
+
+@pytest.mark.parametrize("mirror_axes", [(), (0, 2)])
+def test_sliding_window_in_openvino_is_plain_monai_to_float32_rounding(mirror_axes):
+    net = unet(seed=3)
+    volume = np.random.default_rng(4).normal(size=(1, 50, 41, 30)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="gaussian")
+    report = InferenceReport()
+    options = InferenceOptions("fp32", backend="openvino", mirror_axes=mirror_axes)
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options, report=report)
+    assert report.backend == "openvino" and report.precision == "fp32" and not report.notes
+    if mirror_axes:
+        expected = sliding_window_probabilities(
+            net,
+            volume,
+            settings,
+            device=CPU,
+            options=InferenceOptions("fp32", backend="torch", mirror_axes=mirror_axes),
+        )
+    else:
+        with torch.inference_mode():
+            logits = sliding_window_inference(torch.from_numpy(volume[None]), (24, 24, 24), 1, net, 0.25, "gaussian")
+        expected = torch.softmax(logits[0], 0).numpy()
+    assert np.abs(out - expected).max() < 1e-4
+    assert np.mean(out.argmax(0) == expected.argmax(0)) > 0.9999
+
+
+def test_auto_precision_falls_back_to_float32_in_openvino_with_a_pytorch_trial():
+    """An unsure model: the trial (PyTorch float32 against low precision) rejects low precision, and the rest of
+    the volume runs in OpenVINO's float32; on a CPU without fast low precision it is all OpenVINO float32."""
+    net = unet(seed=5, classes=2)
+    volume = np.random.default_rng(6).normal(size=(1, 60, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    assert report.precision == "fp32" and report.backend == "openvino"
+    exact = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
+    )
+    assert np.mean(out.argmax(0) == exact.argmax(0)) > 0.9999
+
+
+def test_backend_choices_are_checked():
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        InferenceOptions(backend="tensorrt")
+    settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.0, blend_mode="constant")
+    with pytest.raises(DeviceError, match="backend openvino runs on the CPU only"):
+        sliding_window_probabilities(
+            unet(),
+            np.zeros((1, 8, 8, 8), np.float32),
+            settings,
+            device=torch.device("cuda"),
+            options=InferenceOptions(backend="openvino"),
+        )
+
+
+def test_without_openvino_auto_runs_pytorch_and_openvino_says_how_to_install(monkeypatch):
+    # the one stand-in here: OpenVINO cannot be uninstalled for a test, so its import check answers "absent"
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="constant")
+    volume = np.random.default_rng(0).normal(size=(1, 30, 30, 30)).astype(np.float32)
+    report = InferenceReport()
+    sliding_window_probabilities(unet(), volume, settings, device=CPU, options=InferenceOptions("fp32"), report=report)
+    assert report.backend == "torch" and not report.notes
+    with pytest.raises(MedSegError, match=r'OpenVINO is not installed \(pip install "medseg\[openvino\]"\)'):
+        sliding_window_probabilities(
+            unet(), volume, settings, device=CPU, options=InferenceOptions("fp32", backend="openvino")
+        )
