@@ -205,6 +205,7 @@ def openvino_network(
         model = _read_cached(folder) if use_disk else None
         source = "cache"
         if model is None:
+            logger.info("converting the network for OpenVINO (once per model and window; cached in %s)", folder)
             model, source = _convert(network, input_shape), "converted"
         compiled = OpenVINONetwork(_compile(model, threads), threads, source)
         if source == "converted":
@@ -212,13 +213,14 @@ def openvino_network(
             if use_disk and (reason := _write_cache(model, folder)):
                 logger.warning(reason)
             elif use_disk:
-                # the conversion leaves a few hundred MB of the trace's memory behind: drop it, run the saved copy
-                del model, compiled
+                # run the saved copy, so that the converter's objects (and the trace's memory) can go
+                del model
                 gc.collect()
                 from .inference import release_memory  # here: inference imports this module
 
                 release_memory()
-                compiled = OpenVINONetwork(_compile(_read_cached(folder), threads), threads, source)
+                if (saved := _read_cached(folder)) is not None:
+                    compiled = OpenVINONetwork(_compile(saved, threads), threads, source)
         held.clear()  # older weights or windows of this network are not run again
         held[(state, input_shape, threads)] = compiled
         return compiled
