@@ -155,7 +155,9 @@ def validate(network, cases: list[PreparedCase], card, device) -> dict[str, dict
 
     was_training = network.training
     network.eval()
-    exact = InferenceOptions(precision="fp32")  # validation scores must not depend on a precision trial
+    # float32 in PyTorch: scores must not depend on a precision trial, and weights that change at every
+    # validation would each be converted (and cached) for OpenVINO
+    exact = InferenceOptions(precision="fp32", backend="torch")
     per_label: dict[int, list] = {label.value: [] for label in card.labels}
     for case in cases:
         probabilities = sliding_window_probabilities(network, case.volume, card.inference, device=device, options=exact)

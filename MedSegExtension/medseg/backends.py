@@ -15,7 +15,8 @@ about 2e-4 of their range on that U-Net, and 2 voxels in 100 000 changed label o
   - the network's structure (its ``repr``) and every weight;
   - the input shape;
   - the OpenVINO and PyTorch versions.
-  A changed weight, window or library version gives a new key.
+  A changed weight, window or library version gives a new key. The :data:`MAX_CACHED_NETWORKS` most recently
+  used are kept.
 * **Checks.** A freshly converted network runs a seeded window next to PyTorch before it is used or cached:
   - the logits must agree within :data:`RELATIVE_TOLERANCE` of their range;
   - at least :data:`MIN_AGREEMENT` of the labels must match.
@@ -53,6 +54,8 @@ BACKENDS = ("auto", "torch", "openvino")
 RELATIVE_TOLERANCE = 1e-3
 #: Fraction of the check window's labels that must match PyTorch's.
 MIN_AGREEMENT = 0.999
+#: Converted networks kept on disk; the least recently used beyond this many are deleted when one is added.
+MAX_CACHED_NETWORKS = 16
 _MANIFEST = "manifest.json"
 
 _memory: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network -> {key: OpenVINONetwork}
@@ -136,7 +139,9 @@ def _read_cached(folder: Path):
         for name, expected in recorded.items():
             if _sha256(folder / name) != expected:
                 raise ValueError(f"{folder / name} does not match its recorded SHA-256")
-        return openvino.Core().read_model(str(folder / "model.xml"))
+        model = openvino.Core().read_model(str(folder / "model.xml"))
+        os.utime(folder)  # recently used: the last to be pruned
+        return model
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         logger.warning("ignoring the cached OpenVINO model in %s: %s", folder, error)
         return None
@@ -161,7 +166,21 @@ def _write_cache(model, folder: Path) -> str | None:
                 shutil.rmtree(staging, ignore_errors=True)
     except OSError as error:
         return f"could not cache the OpenVINO model in {folder}: {error}"
+    _prune(folder.parent, keep=MAX_CACHED_NETWORKS)
     return None
+
+
+def _prune(cache: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used converted networks (and staging folders left by a crash)."""
+    entries = []
+    for path in cache.iterdir():
+        try:
+            entries.append((path.stat().st_mtime, path))
+        except OSError:  # removed meanwhile by another process
+            continue
+    entries.sort(reverse=True)
+    for _, path in entries[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check(network: torch.nn.Module, compiled: OpenVINONetwork, input_shape: Sequence[int]) -> None:

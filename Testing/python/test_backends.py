@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -195,3 +196,18 @@ def test_without_openvino_auto_runs_pytorch_and_openvino_says_how_to_install(mon
         sliding_window_probabilities(
             unet(), volume, settings, device=CPU, options=InferenceOptions("fp32", backend="openvino")
         )
+
+
+def test_the_disk_cache_keeps_the_most_recently_used_networks(own_cache, monkeypatch):
+    monkeypatch.setattr(backends, "MAX_CACHED_NETWORKS", 2)
+    first, second = unet(seed=10), unet(seed=11)
+    backends.openvino_network(first, WINDOW)
+    (a,) = own_cache.iterdir()
+    backends.openvino_network(second, WINDOW)
+    (b,) = set(own_cache.iterdir()) - {a}
+    os.utime(a, (2000, 2000))  # the first used last
+    os.utime(b, (1000, 1000))
+    backends.openvino_network(unet(seed=12), WINDOW)
+    assert len(list(own_cache.iterdir())) == 2 and a.exists() and not b.exists()
+    assert backends.openvino_network(copy.deepcopy(first), WINDOW).source == "cache"
+    assert a.stat().st_mtime > 2000  # reading it marked it as used
