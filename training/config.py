@@ -16,7 +16,7 @@ from typing import Any
 LOSSES = ("ce", "dice", "dice_ce", "dice_focal")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("poly", "cosine")
-AMP_MODES = ("auto", "off")
+AMP_MODES = ("auto", "off", "bf16")
 LAYOUTS = ("msd", "folders", "case_folders")
 #: per dataset layout: (required keys, optional keys) besides "layout"
 DATASET_KEYS = {
@@ -76,7 +76,9 @@ class TrainConfig:
     checkpoint_every: int = 100  #: steps; a checkpoint is also written at each validation
     early_stopping: int = 0  #: stop after this many validations without a better mean Dice; 0 = never
     gradient_clip: float = 12.0  #: largest gradient norm (nnU-Net's 12); 0 = no clipping
-    amp: str = "auto"  #: mixed precision on a GPU (bf16 where supported, else fp16 with loss scaling); off on a CPU
+    #: auto: mixed precision on a GPU (bf16 where supported, else fp16 with loss scaling), off on a CPU; bf16: bfloat16
+    #: autocast on a GPU or on a CPU with AMX or AVX-512-BF16 (about 2.6x faster for the planned DynUNet there); off
+    amp: str = "auto"
     threads: int = 0  #: torch CPU threads; 0 keeps PyTorch's default
     device: str = "auto"
     progress: bool = True  #: a progress bar with loss and speed (on a terminal)

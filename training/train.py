@@ -260,6 +260,13 @@ def _save_atomically(obj, path: Path) -> None:
 
 def _amp(config: TrainConfig, device: torch.device):
     """(autocast dtype or None, GradScaler or None) for this device."""
+    if config.amp == "bf16":
+        from medseg.inference import low_precision_for
+
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else low_precision_for(device) is not None
+        if not fast:
+            raise ValueError(f"amp bf16: {device} has no fast bfloat16 (on a CPU: AMX or AVX-512-BF16); use amp off")
+        return torch.bfloat16, None
     if config.amp == "off" or device.type != "cuda":
         return None, None
     if torch.cuda.is_bf16_supported():
@@ -375,6 +382,7 @@ def train(
         device = torch.device("cuda", dist.local_rank)
     if config.batch_size % dist.world:
         raise ValueError(f"batch_size {config.batch_size} does not split evenly over {dist.world} processes")
+    _amp(config, device)  # an impossible amp fails here, before anything is read or written
     cases, dataset_labels = read_dataset(config.dataset)
     valid_values = set(dataset_labels)
     if valid_values != {0, *(label.value for label in card.labels)}:

@@ -426,7 +426,7 @@ def test_a_card_with_other_channels_than_the_dataset_is_refused(tmp_path):
     [
         ({"augmentation": {"rotation_degree": 5}}, r"\(augmentation\): unknown config key\(s\) \['rotation_degree'\]"),
         ({"folds": 5, "fold": 5}, r"fold 5 is outside 0..4"),
-        ({"amp": "fp8"}, r"unknown amp 'fp8'; choose one of auto, off"),
+        ({"amp": "fp8"}, r"unknown amp 'fp8'; choose one of auto, off, bf16"),
         ({"export": ["tflite"]}, r"unknown export 'tflite'"),
         ({"dataset": {"layout": "nnunet", "root": "x"}}, r"unknown dataset layout 'nnunet'"),
         (
@@ -653,3 +653,36 @@ def test_a_trained_folder_can_be_exported_afterwards(tmp_path, capsys):
     capsys.readouterr()
     assert export([str(path), "--model", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def _cpu_has_fast_bf16() -> bool:
+    import torch
+    from medseg.inference import low_precision_for
+
+    return low_precision_for(torch.device("cpu")) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
+def test_bf16_mixed_precision_trains_on_a_cpu_that_has_it(tmp_path):
+    dataset = make_dataset(tmp_path / "toy")
+    folders = {
+        amp: train(load_config(write_config(tmp_path, dataset, amp=amp, epochs=12, output=str(tmp_path / amp / "m"))))
+        for amp in ("off", "bf16")
+    }
+    cards = {amp: json.loads((folder / "model.json").read_text()) for amp, folder in folders.items()}
+    assert cards["bf16"]["training"]["config"]["amp"] == "bf16"
+    assert cards["bf16"]["weights"]["sha256"] != cards["off"]["weights"]["sha256"], "it really ran in bfloat16"
+    dice = {amp: card["training"]["validation"]["mean"]["Bright"] for amp, card in cards.items()}
+    assert dice["off"] > 0.7 and abs(dice["bf16"] - dice["off"]) < 0.03, dice  # 0.42 after 3 epochs
+
+
+def test_bf16_on_a_device_without_it_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    import medseg.inference
+
+    # the one stand-in: this test machine has fast bfloat16, so the probe answers as a CPU without it would
+    monkeypatch.setattr(medseg.inference, "low_precision_for", lambda device: None)
+    config = load_config(write_config(tmp_path, tmp_path / "no-such-dataset", amp="bf16"))
+    with pytest.raises(ValueError, match=r"amp bf16: cpu has no fast bfloat16 .* use amp off"):
+        train(config)
+    assert not list(tmp_path.glob("**/splits.json"))
