@@ -306,3 +306,16 @@ def test_parsing_the_command_line_does_not_import_torch_and_knows_every_precisio
     from medseg.inference import PRECISIONS
 
     assert done.stdout.split() == ["False", ",".join(PRECISIONS), ",".join(BACKENDS)]
+
+
+def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
+    """benchmarks/device_check.sh is meant for a GPU lease; QUICK=1 DEVICE=cpu checks its plumbing here."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "device_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "QUICK": "1", "DEVICE": "cpu", "STEPS": "smoke"}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(s["step"], s["exit"]) for s in steps] == [("smoke", 0)]
+    smoke = json.loads((tmp_path / "smoke.json").read_text(encoding="utf-8"))
+    assert smoke["agreement_with_cpu"] == 1.0 and smoke["cpu"]["ml"] == [2.246, 1.84]

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU checks of the inference issue (issue 6), as one script for a device lease. Never run on a GPU yet: the
+# first session with one runs it (STEPS lets it split the work over two calls).
+#
+# Here, once, fetch the Python 3.12 wheels the device image lacks (about 56 MB; .whl/ is git-ignored):
+#   bash benchmarks/device_check.sh --download
+# Then, with the device tool:
+#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
+# Every result lands in $OUT: nvidia-smi.txt, smoke.json (the bundled sample on the GPU against the CPU) and one
+# JSON-lines file per benchmark (benchmarks/inference.py's rows: per-variant figures, then the summaries).
+# STEPS="smoke unet" runs only those steps (smoke unet segresnet dynunet dynunet-long; all by default, about
+# 7 minutes at most by their time limits). QUICK=1 DEVICE=cpu runs the same steps on small inputs, to check the
+# script itself on a machine without a GPU (85 s here).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS="monai==1.6.1 SimpleITK==2.5.7 PyMaxflow==1.3.2 nibabel==5.4.2"
+
+if [ "${1:-}" = "--download" ]; then
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl $WHEELS
+fi
+
+OUT=${OUT:-$(mktemp -d)}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed" >&2; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/MedSegExtension${PYTHONPATH:+:$PYTHONPATH}"
+export MEDSEG_CACHE_DIR="$OUT/cache"
+echo "results in $OUT"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-smi.txt"
+
+if [ "${QUICK:-0}" = 1 ]; then
+    CT=(48 48 32); LARGE=(48 48 64); MID=(40 40 32); ROI=(32 32 32); BIG_ROI=(32 32 32); REPEATS=1
+else
+    CT=(512 512 320); LARGE=(512 512 1000); MID=(272 272 224); ROI=(96 96 96); BIG_ROI=(128 128 128); REPEATS=3
+fi
+
+STEPS=${STEPS:-smoke unet segresnet dynunet dynunet-long}
+step() {  # name, seconds, command...: run with a time limit, keep going whatever happens, log how it ended
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"
+    echo "{\"step\": \"$name\", \"exit\": $?, \"seconds\": $((SECONDS - start))}" | tee -a "$OUT/steps.jsonl"
+}
+
+# 1. The engine on the GPU: the bundled model on the bundled sample, labels against the CPU's.
+step smoke 60 "$PYTHON" - "$DEVICE" "$OUT" <<'EOF'
+import json, sys, time
+import numpy as np, SimpleITK as sitk, torch
+from medseg.segmenter import Segmenter
+device, out = sys.argv[1], sys.argv[2]
+sample = "Resources/SampleData/hippocampus-mni152-t1.nii.gz"
+labels, row = {}, {"device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+for name in dict.fromkeys([device, "cpu"]):
+    segmenter = Segmenter(None, device=name)
+    segmenter.segment_files([sample], f"{out}/smoke-{name}.nii.gz")
+    start = time.perf_counter()
+    result = segmenter.segment_files([sample], f"{out}/smoke-{name}.nii.gz")
+    row[name] = {"seconds": round(time.perf_counter() - start, 3), "precision": result.inference.precision,
+                 "backend": result.inference.backend, "ml": [round(s.volume_ml, 3) for s in result.statistics]}
+    labels[name] = sitk.GetArrayFromImage(sitk.ReadImage(f"{out}/smoke-{name}.nii.gz"))
+row["agreement_with_cpu"] = float(np.mean(labels[device] == labels["cpu"]))
+print(json.dumps(row))
+EOF
+cp "$OUT/smoke.jsonl" "$OUT/smoke.json" 2>/dev/null
+
+bench() {  # name, seconds, benchmark arguments...
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$PYTHON" benchmarks/inference.py --device "$DEVICE" --repeats "$REPEATS" "$@"
+}
+# 2. The issue's three models: network part against plain MONAI; the U-Net also end to end against the tutorial.
+bench unet 150 --model unet --classes 2 --shape "${CT[@]}" --roi "${ROI[@]}" \
+    --variants monai tutorial model medseg medseg-fp32 medseg-bf16
+bench segresnet 70 --model segresnet --classes 2 --shape "${CT[@]}" --roi "${ROI[@]}" \
+    --variants monai medseg medseg-fp32
+bench dynunet 70 --model dynunet --classes 105 --shape "${MID[@]}" --roi "${BIG_ROI[@]}" \
+    --variants monai medseg medseg-fp32
+# 3. Memory: the 105-class model on a long CT (the target is 7 GB of GPU memory); MedSeg alone, one run.
+REPEATS=1 bench dynunet-long 100 --model dynunet --classes 105 --shape "${LARGE[@]}" --roi "${BIG_ROI[@]}" \
+    --variants medseg
+echo "done; results in $OUT"
