@@ -364,6 +364,8 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in statistics)
                 device = (job.result or {}).get("device", "?")
                 precision = (job.result or {}).get("precision", "")
+                if (job.result or {}).get("backend") == "openvino":
+                    precision += " in OpenVINO"
                 preview = "PREVIEW (quick look, not for measurement). " if job.preview else ""
                 self.ui.statusLabel.text = f"{preview}Done in {seconds:.1f} s on {device} ({precision}): {volumes}"
         except Exception:
