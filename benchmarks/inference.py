@@ -17,8 +17,8 @@ Variants, each in its own child process (so ``peak_rss_MiB`` / ``peak_gpu_MiB`` 
 * ``medseg`` (``--precision auto``, the default), ``medseg-fp32``, ``medseg-bf16``, ``medseg-fp16``:
   ``Segmenter.segment_files``, file in and file out, and its network part on the same input as ``monai``;
   a third part names the float32 backend: ``medseg-fp32-torch``, ``medseg-auto-torch`` (the default, ``auto``,
-  is OpenVINO when installed). Converted networks are cached in a fresh folder per invocation, so ``first_*``
-  includes the conversion;
+  is OpenVINO when installed). Each invocation uses a fresh cache folder that ``convert`` fills, so ``first_*``
+  includes reading the converted network back (0.06 s), not converting it;
   ``medseg-preview``: the same with ``preview=True`` (the fast preview);
 * ``model``: the model alone, weights plus one window batch through it: the "plus the model" of the memory target;
 * with OpenVINO installed, on the CPU: ``convert`` first converts the network for OpenVINO into this invocation's

@@ -23,8 +23,10 @@ about 2e-4 of their range on that U-Net, and 2 voxels in 100 000 changed label o
 
   This catches a trace that dropped data-dependent control flow. A cached copy is read only if its files still
   have the SHA-256s recorded when it was written.
-* **Fallback.** When OpenVINO is not installed, the network does not convert, the check fails, or the cache
-  cannot be written, the windows run in PyTorch. The reason is returned and goes to the run's notes.
+* **Fallback.** When OpenVINO is not installed, the network does not convert or the check fails,
+  :func:`openvino_network` raises :class:`BackendUnavailableError`; the engine then runs the windows in PyTorch and
+  puts the reason in the run's notes. A cache that cannot be written only logs a warning: the next process
+  converts again.
 
 ``pip install "medseg[openvino]"`` installs it.
 """
