@@ -71,7 +71,8 @@ class BackendUnavailableError(RuntimeError):
 def openvino_available() -> bool:
     try:
         import openvino  # noqa: F401
-    except ImportError:
+    except Exception as error:  # ImportError, or a broken install's OSError from its native libraries
+        logger.debug("OpenVINO cannot be imported: %s", error)
         return False
     return True
 
@@ -126,7 +127,15 @@ def _compile(model, threads: int):
     import openvino
 
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    return openvino.Core().compile_model(model, "CPU", config)
+    try:
+        return openvino.Core().compile_model(model, "CPU", config)
+    except Exception as error:  # OpenVINO raises RuntimeError and others; each means "cannot run it here"
+        raise BackendUnavailableError(f"OpenVINO could not compile the network: {_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _read_cached(folder: Path):
@@ -257,5 +266,4 @@ def _convert(network: torch.nn.Module, input_shape: Sequence[int]):
         try:
             return openvino.convert_model(network, example_input=example, input=[(-1, *input_shape)])
         except Exception as error:  # the converter raises many types; each means "cannot run this network"
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise BackendUnavailableError(f"OpenVINO could not convert the network: {first}") from error
+            raise BackendUnavailableError(f"OpenVINO could not convert the network: {_first_line(error)}") from error

@@ -211,3 +211,36 @@ def test_the_disk_cache_keeps_the_most_recently_used_networks(own_cache, monkeyp
     assert len(list(own_cache.iterdir())) == 2 and a.exists() and not b.exists()
     assert backends.openvino_network(copy.deepcopy(first), WINDOW).source == "cache"
     assert a.stat().st_mtime > 2000  # reading it marked it as used
+
+
+class RefusesTracing(torch.nn.Module):
+    """A network that cannot be traced (as one with Python-side data handling cannot): conversion fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            raise RuntimeError("this network cannot be traced")
+        return self.conv(x)
+
+
+def test_a_network_that_does_not_convert_runs_in_pytorch_with_a_note(own_cache):
+    volume = np.random.default_rng(1).normal(size=(1, 30, 30, 30)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    net = RefusesTracing().eval()
+    out = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32"), report=report
+    )
+    assert report.backend == "torch"
+    assert report.notes == [
+        "OpenVINO could not convert the network: Couldn't get TorchScript module by tracing.; "
+        "float32 windows run in PyTorch"
+    ] or report.notes[0].startswith("OpenVINO could not convert the network:")
+    expected = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
+    )
+    np.testing.assert_array_equal(out, expected)
+    assert not own_cache.exists() or not list(own_cache.iterdir())
