@@ -235,10 +235,9 @@ def test_a_network_that_does_not_convert_runs_in_pytorch_with_a_note(own_cache):
         net, volume, settings, device=CPU, options=InferenceOptions("fp32"), report=report
     )
     assert report.backend == "torch"
-    assert report.notes == [
-        "OpenVINO could not convert the network: Couldn't get TorchScript module by tracing.; "
-        "float32 windows run in PyTorch"
-    ] or report.notes[0].startswith("OpenVINO could not convert the network:")
+    (note,) = report.notes
+    assert note.startswith("OpenVINO could not convert the network: ")
+    assert note.endswith("; float32 windows run in PyTorch")
     expected = sliding_window_probabilities(
         net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
     )
