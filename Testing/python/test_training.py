@@ -551,7 +551,7 @@ def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, caps
     Segmenter(tmp_path / "out" / "toy-model", device="cpu")
 
 
-@pytest.mark.parametrize("name", ["hippocampus.json", "hippocampus-nnunet.json"])
+@pytest.mark.parametrize("name", ["hippocampus.json", "hippocampus-nnunet.json", "hippocampus-dynunet-cpu.json"])
 def test_shipped_configs_load_and_say_how_long_they_take(name):
     from conftest import REPO
 
