@@ -200,7 +200,10 @@ def _check(network: torch.nn.Module, compiled: OpenVINONetwork, input_shape: Seq
     window = torch.randn((1, *input_shape), generator=generator)
     with torch.inference_mode():
         expected = network(window).float()
-    got = compiled(window)
+    try:
+        got = compiled(window)
+    except Exception as error:  # OpenVINO's runtime errors: this network cannot run there
+        raise BackendUnavailableError(f"OpenVINO could not run the network: {_first_line(error)}") from error
     if got.shape != expected.shape:
         raise BackendUnavailableError(f"OpenVINO returned shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
     scale = float(expected.max() - expected.min()) or 1.0
