@@ -33,7 +33,6 @@ about 2e-4 of their range on that U-Net, and 2 voxels in 100 000 changed label o
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -48,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .models.folder import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,6 @@ def _key(network: torch.nn.Module, input_shape: Sequence[int]) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _compile(model, threads: int):
     import openvino
 
@@ -148,7 +141,7 @@ def _read_cached(folder: Path):
     try:
         recorded = json.loads(manifest.read_text(encoding="utf-8"))["sha256"]
         for name, expected in recorded.items():
-            if _sha256(folder / name) != expected:
+            if sha256_of(folder / name) != expected:
                 raise ValueError(f"{folder / name} does not match its recorded SHA-256")
         model = openvino.Core().read_model(str(folder / "model.xml"))
         os.utime(folder)  # recently used: the last to be pruned
@@ -167,7 +160,7 @@ def _write_cache(model, folder: Path) -> str | None:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             openvino.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
-            files = {name: _sha256(staging / name) for name in ("model.xml", "model.bin")}
+            files = {name: sha256_of(staging / name) for name in ("model.xml", "model.bin")}
             (staging / _MANIFEST).write_text(json.dumps({"sha256": files}), encoding="utf-8")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -245,15 +238,6 @@ def openvino_network(
             _check(network, compiled, input_shape)
             if use_disk and (reason := _write_cache(model, folder)):
                 logger.warning(reason)
-            elif use_disk:
-                # run the saved copy, so that the converter's objects (and the trace's memory) can go
-                del model
-                gc.collect()
-                from .inference import release_memory  # here: inference imports this module
-
-                release_memory()
-                if (saved := _read_cached(folder)) is not None:
-                    compiled = OpenVINONetwork(_compile(saved, threads), threads, source)
         held.clear()  # older weights or windows of this network are not run again
         held[(state, input_shape, threads)] = compiled
         return compiled

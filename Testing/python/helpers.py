@@ -12,6 +12,13 @@ from medseg.models.card import card_from_dict
 from medseg.models.folder import LoadedModel, sha256_of
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 fast (AMX or AVX-512-BF16): the engine's own probe."""
+    from medseg.inference import low_precision_for
+
+    return low_precision_for(torch.device("cpu")) is not None
+
+
 def card_dict(**overrides) -> dict:
     card = {
         "format_version": 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import ThresholdNet
+from helpers import ThresholdNet, cpu_has_fast_bf16
 from medseg import inference
 from medseg.errors import CancelledError
 from medseg.inference import (
@@ -263,10 +263,6 @@ def test_top_two_matches_torch_on_ties_and_many_classes():
     assert torch.equal(margin, top[:, 0] - top[:, 1])
 
 
-def lower_precision_available() -> bool:
-    return inference.low_precision_for(CPU) is not None
-
-
 def test_low_precision_matches_what_the_cpu_supports():
     probes = [getattr(torch.cpu, n, lambda: False) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     assert (inference.low_precision_for(CPU) == torch.bfloat16) == any(p() for p in probes)
@@ -279,7 +275,7 @@ def bright_ball(shape=(40, 40, 40), radius=12.0) -> np.ndarray:
     return (distance < radius).astype(np.float32)[None]
 
 
-@pytest.mark.skipif(not lower_precision_available(), reason="this CPU has no fast bfloat16")
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
 def test_auto_runs_a_confident_model_in_low_precision_with_the_float32_labels():
     net = Confident()
     volume = bright_ball() + np.random.default_rng(0).normal(0, 0.05, (1, 40, 40, 40)).astype(np.float32)
@@ -303,7 +299,7 @@ def test_auto_runs_a_volume_of_few_windows_in_float32():
     assert report.windows == 2 and report.precision == "fp32" and report.error_bound is None
 
 
-@pytest.mark.skipif(not lower_precision_available(), reason="this CPU has no fast bfloat16")
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
 def test_auto_keeps_float32_for_an_unsure_model():
     """An untrained U-Net's logits nearly tie everywhere: bfloat16 would flip labels, so auto stays in float32."""
     torch.manual_seed(0)
@@ -322,7 +318,7 @@ def test_auto_keeps_float32_for_an_unsure_model():
     assert np.mean(forced.argmax(0) == exact.argmax(0)) < 1 - inference.DISAGREEMENT_BUDGET
 
 
-@pytest.mark.skipif(not lower_precision_available(), reason="this CPU has no fast bfloat16")
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
 def test_auto_redoes_the_run_in_float32_when_the_rest_of_the_volume_is_unsure():
     """Confident at the centre (the trial), nearly tied elsewhere: the after-run estimate sends it back to float32."""
     net = Confident()

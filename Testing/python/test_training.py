@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import card_dict
+from helpers import card_dict, cpu_has_fast_bf16
 from medseg.segmenter import Segmenter
 
 from training.data import DatasetError, read_msd_dataset, split_cases
@@ -655,15 +655,8 @@ def test_a_trained_folder_can_be_exported_afterwards(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-    from medseg.inference import low_precision_for
-
-    return low_precision_for(torch.device("cpu")) is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
 def test_bf16_mixed_precision_trains_on_a_cpu_that_has_it(tmp_path):
     dataset = make_dataset(tmp_path / "toy")
     folders = {
