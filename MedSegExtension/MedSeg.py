@@ -86,7 +86,7 @@ class MedSegParameterNode:
     device: str = "auto"
     preview: bool = False  #: the engine's quick look (no window overlap, labels at the network's resolution)
     fullPrecision: bool = False  #: float32 only, never the verified bf16/fp16 of the default
-    testTimeAugmentation: bool = False  #: mirror each window 8 ways
+    testTimeAugmentation: bool = False  #: mirror each window along the axes the model's card allows
     refineSmoothness: float = 1.0
 
 
@@ -278,6 +278,23 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.setVisible(visible)
             if index < len(channels):
                 label.text = f"{channels[index].name} volume:"
+        mirrorAxes = entry.card.inference.mirror_axes if entry is not None and entry.card is not None else ()
+        if not mirrorAxes and self._parameterNode.testTimeAugmentation:
+            self._parameterNode.testTimeAugmentation = False  # updates the GUI again
+            return
+        self.ui.ttaCheckBox.enabled = bool(mirrorAxes)
+        if mirrorAxes:
+            axes = ", ".join("xyz"[a] for a in mirrorAxes)
+            slower = 2 ** len(mirrorAxes)
+            self.ui.ttaCheckBox.text = f"Test-time augmentation (mirroring along {axes}, {slower}x slower)"
+        else:
+            self.ui.ttaCheckBox.text = "Test-time augmentation (not for this model)"
+        self.ui.ttaCheckBox.toolTip = (
+            "Average the network's output over mirrorings of each window along the axes this model's training "
+            "flipped, as nnU-Net does: sometimes a little more accurate, more work."
+            if mirrorAxes
+            else "This model's training flipped no axis, so its mirrored predictions would not match."
+        )
         self.updateRefineSection()
         if self.job is None:
             volumes = self.selectedVolumes()

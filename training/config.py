@@ -80,6 +80,10 @@ class TrainConfig:
     #: autocast on a GPU or on a CPU with AMX or AVX-512-BF16 (about 2.6x faster for the planned DynUNet there); off
     amp: str = "auto"
     threads: int = 0  #: torch CPU threads; 0 keeps PyTorch's default
+    #: torch.compile the training network. With channels_last, a step of the planned DynUNet (bf16, batch 8) took
+    #: 1.34 s instead of 2.53 s on 2 Xeon cores with AMX; the first step compiles (about 40 s; a C++ compiler on a CPU)
+    compile: bool = False
+    channels_last: bool = False  #: weights and batches in channels-last (NDHWC) layout, which 3D convolutions prefer
     device: str = "auto"
     progress: bool = True  #: a progress bar with loss and speed (on a terminal)
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -149,6 +153,9 @@ def check_config(config: TrainConfig, source: str) -> None:
         missing = sorted(set(required) - set(config.dataset))
         if missing:
             raise ValueError(f"{source}: the {layout} dataset layout needs {', '.join(missing)}")
+    for key in ("compile", "channels_last", "progress"):
+        if not isinstance(getattr(config, key), bool):
+            raise ValueError(f"{source}: {key} must be true or false, not {getattr(config, key)!r}")
     for axis in config.augmentation.flip_axes:
         if axis not in (0, 1, 2):
             raise ValueError(f"{source}: augmentation flip axis {axis} is not 0, 1 or 2")

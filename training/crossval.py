@@ -63,6 +63,8 @@ def ship(config: TrainConfig, summary: dict) -> Path:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         card = json.loads((tmp / "model.json").read_text(encoding="utf-8"))
         card["training"]["cross_validation"] = {**summary, "shipped_fold": best}
+        # folds trained before cards carried mirror axes: the same default as training's card
+        card["inference"].setdefault("mirror_axes", sorted(config.augmentation.flip_axes))
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         load_model_folder(tmp)  # the engine must accept what is shipped
     return target

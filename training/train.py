@@ -113,6 +113,8 @@ def _card_draft(config: TrainConfig) -> dict[str, Any]:
     """The config's card with a placeholder checksum, validated early so a bad card fails before training."""
     draft = copy.deepcopy(config.card)
     draft.setdefault("format_version", 1)
+    # test-time mirroring may use the axes training flipped, unless the config's card says otherwise
+    draft.setdefault("inference", {}).setdefault("mirror_axes", sorted(config.augmentation.flip_axes))
     draft["weights"] = {"file": "model.pt", "sha256": "0" * 64}
     card_from_dict(draft, f"{config.output} (card in the training config)")
     return draft
@@ -249,6 +251,8 @@ RESUME_IGNORED = {
     "device",
     "validate_every",
     "checkpoint_every",
+    "compile",  # speed only: the same optimisation to rounding
+    "channels_last",
 }
 
 
@@ -437,11 +441,15 @@ def train(
         out_channels=card.num_classes,
         kwargs=card.network.kwargs,
     ).to(device)
+    if config.channels_last:
+        network.to(memory_format=torch.channels_last_3d)
     model = network
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if config.compile:
+        model = torch.compile(model)  # compiles at the first step; validation and the outputs use ``network``
     per_epoch = steps_per_epoch(config, len(train_cases))
     total_steps = config.epochs * per_epoch
     optimisation = _Optimisation(config, model, network, total_steps, card, device, dist.world)
@@ -482,7 +490,8 @@ def train(
             progress = _progress_bar(config, dist, per_epoch, step % per_epoch, epoch)
         t0 = time.perf_counter()
         x, y = make_batch(train_cases, config, step, order, positions)
-        value, adversarial = optimisation.step(x.to(device), y.to(device))
+        x = x.to(device, memory_format=torch.channels_last_3d if config.channels_last else torch.preserve_format)
+        value, adversarial = optimisation.step(x, y.to(device))
         if adversarial is not None:
             state["epoch_adversarial"].append(adversarial)
         if dist.world > 1:
@@ -522,7 +531,10 @@ def train(
                     entry["validation_mean_dice"] = round(mean, 4)
                     if mean > state["best"][0]:
                         state["best"] = (mean, epoch + 1)
-                        state["best_state"] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+                        state["best_state"] = {
+                            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                            for k, v in network.state_dict().items()
+                        }
                         state["stale"] = 0
                     else:
                         state["stale"] += 1

@@ -363,7 +363,7 @@ class MedSegLogic:
 
         ``preview`` is the engine's quick look (``medseg segment --preview``; the node's and segments' names say
         "preview"); ``precision`` is the engine's (``auto``, ``fp32``, ``bf16``, ``fp16``);
-        ``testTimeAugmentation`` mirrors each window 8 ways.
+        ``testTimeAugmentation`` mirrors each window along the axes the model's card allows (``--tta``).
         """
         volumes = [inputVolumes] if not isinstance(inputVolumes, (list, tuple)) else list(inputVolumes)
         folder, card = self.resolveModel(model)

@@ -159,7 +159,10 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         "openvino (default: %(default)s)",
     )
     group.add_argument(
-        "--tta", action="store_true", help="test-time augmentation: average the 8 mirrorings of each window (8x slower)"
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each window's mirrorings along the axes the model's training flipped "
+        "(its card's inference.mirror_axes; 2x slower per axis)",
     )
 
 
@@ -170,7 +173,7 @@ def _inference_settings(args: argparse.Namespace):
         return InferenceOptions(
             precision=args.precision,
             window_batch=args.window_batch,
-            mirror_axes=(0, 1, 2) if args.tta else (),
+            mirror_axes="model" if args.tta else (),
             backend=args.backend,
         )
     except ValueError as exc:
@@ -251,9 +254,10 @@ class _ProgressBar:
 def _print_result(result, output: Path, seconds: float) -> None:
     card = result.card
     report = result.inference
+    mirrored = f", mirrored along {', '.join('xyz'[a] for a in report.mirror_axes)}" if report.mirror_axes else ""
     print(
         f"model      {card.id} {card.version} on {result.device} "
-        f"({report.precision} in {report.backend}, {report.windows} windows)"
+        f"({report.precision} in {report.backend}, {report.windows} windows{mirrored})"
     )
     if result.preview:
         print("PREVIEW    a quick look at the network's resolution, not for measurement")
@@ -320,6 +324,7 @@ def _segment(args: argparse.Namespace) -> int:
             preview=result.preview,
             precision=result.inference.precision,
             backend=result.inference.backend,
+            mirror_axes=list(result.inference.mirror_axes),
         )
     elif not args.quiet:
         _print_result(result, Path(args.output), time.perf_counter() - start)

@@ -20,11 +20,12 @@ import SimpleITK as sitk
 import torch
 
 from . import io
-from .errors import InputImageError
+from .errors import InputImageError, MedSegError
 from .inference import (
     InferenceOptions,
     InferenceReport,
     low_precision_for,
+    mirror_axes_for,
     release_memory,
     select_device,
     sliding_window_probabilities,
@@ -94,6 +95,11 @@ class Segmenter:
         self.model = model if isinstance(model, LoadedModel) else load_model_folder(find_model_folder(model))
         self.device = select_device(device)
         self.inference = inference or InferenceOptions()
+        try:
+            mirror_axes = mirror_axes_for(self.inference, self.card.inference)
+        except ValueError as exc:
+            raise MedSegError(f"model {self.card.id} ({self.model.folder}): {exc}") from None
+        self.inference = replace(self.inference, mirror_axes=mirror_axes)
         self.model.network.to(self.device)
 
     @property

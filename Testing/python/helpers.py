@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,19 @@ def physical_points_of_label(image: sitk.Image, value: int = 1) -> np.ndarray:
 
 
 def write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin) -> Path:
-    """Write an int16 (z, y, x) array as a DICOM series of axial slices, one file per slice."""
+    """Write an int16 (z, y, x) array as a DICOM series of axial slices, one file per slice.
+
+    GDCM's writer sets the process locale to "C", which makes Python's default text encoding ASCII for every later
+    test in the process (torch.compile then fails to read its UTF-8 templates); the locale is restored after.
+    """
+    previous = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(array_zyx, folder, spacing=spacing, origin=origin)
+    finally:
+        locale.setlocale(locale.LC_ALL, previous)
+
+
+def _write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin) -> Path:
     image = sitk.GetImageFromArray(array_zyx.astype(np.int16))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)

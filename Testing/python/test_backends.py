@@ -134,7 +134,7 @@ def test_a_network_openvino_gets_wrong_is_refused_before_it_runs(own_cache):
 def test_sliding_window_in_openvino_is_plain_monai_to_float32_rounding(mirror_axes):
     net = unet(seed=3)
     volume = np.random.default_rng(4).normal(size=(1, 50, 41, 30)).astype(np.float32)
-    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="gaussian")
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="gaussian", mirror_axes=(0, 1, 2))
     report = InferenceReport()
     options = InferenceOptions("fp32", backend="openvino", mirror_axes=mirror_axes)
     out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options, report=report)

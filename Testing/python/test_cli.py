@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import write_dicom_series
+from helpers import write_dicom_series, write_model_folder
 from medseg import io
 from medseg.cli import main
 
@@ -268,13 +268,18 @@ def test_inference_benchmark_runs_every_variant_and_reports_ratios(tmp_path):
 
 def test_inference_options_reach_the_engine(tmp_path, scan, tiny_model, capsys):
     base = ["segment", scan, "--model", tiny_model, "--device", "cpu"]
-    code, out, err = run([*base, "-o", tmp_path / "fp32.nii.gz", "--precision", "fp32", "--tta"], capsys)
+    inference = {"roi_size": [16, 16, 16], "overlap": 0.25, "mirror_axes": [0, 2]}
+    mirrorable = write_model_folder(tmp_path / "mirrorable", inference=inference)
+    tta = ["segment", scan, "--model", mirrorable, "--device", "cpu", "--precision", "fp32", "--tta"]
+    code, out, err = run([*tta, "-o", tmp_path / "fp32.nii.gz"], capsys)
     assert code == 0, err
     assert "(fp32 in " in out and "PREVIEW" not in out
+    assert "windows, mirrored along x, z)" in out
     torch_only = ["-o", tmp_path / "torch.nii.gz", "--precision", "fp32", "--backend", "torch", "--progress-json"]
     code, out, err = run([*base, *torch_only], capsys)
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["backend"] == "torch"
+    assert json.loads(out.splitlines()[-1])["mirror_axes"] == []
     code, out, err = run([*base, "-o", tmp_path / "preview.nii.gz", "--preview", "--progress-json"], capsys)
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
@@ -294,6 +299,15 @@ def test_bad_inference_options_are_clear_errors(tmp_path, scan, tiny_model, caps
         run([*base, "--precision", "fp8"], capsys)
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_mirroring_a_model_whose_training_flipped_nothing_is_refused(tmp_path, scan, tiny_model, capsys):
+    out_path = tmp_path / "seg.nii.gz"
+    code, _, err = run(["segment", scan, "-o", out_path, "--model", tiny_model, "--device", "cpu", "--tta"], capsys)
+    assert code == 1
+    assert "model tiny-test" in err and "tiny-model): test-time mirroring" in err
+    assert "allows no mirror axis (inference.mirror_axes is empty" in err
+    assert not out_path.exists()
 
 
 def test_parsing_the_command_line_does_not_import_torch_and_knows_every_precision_and_backend():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -346,7 +348,7 @@ class PositionRamp(torch.nn.Module):
 
 def test_mirroring_averages_the_flipped_windows():
     volume = np.random.default_rng(0).normal(size=(1, 24, 20, 20)).astype(np.float32)
-    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode="constant")
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode="constant", mirror_axes=(0, 1, 2))
     plain = sliding_window_probabilities(PositionRamp(), volume, settings, device=CPU, options=FP32)
     mirrored = sliding_window_probabilities(
         PositionRamp(),
@@ -398,3 +400,22 @@ def test_half_precision_output_matches_float32():
     half = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, out_dtype=np.float16)
     assert half.dtype == np.float16
     np.testing.assert_allclose(half, full, atol=1e-3)
+
+
+def test_mirroring_is_bounded_by_the_axes_the_card_allows():
+    """Mirroring along an axis training never flipped ruins a model, so the card's ``mirror_axes`` bound it."""
+    volume = np.random.default_rng(0).normal(size=(1, 24, 20, 20)).astype(np.float32)
+    only_x = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode="constant", mirror_axes=(0,))
+    counting = Counting(PositionRamp())
+    model_axes = InferenceOptions("fp32", window_batch=1, mirror_axes="model", backend="torch")
+    sliding_window_probabilities(counting, volume, only_x, device=CPU, options=model_axes)
+    assert counting.windows == 2 * count_windows(volume.shape[1:], (16, 16, 16), 0.5), "'model' means x alone here"
+    with pytest.raises(ValueError, match=r"mirroring along y, z: the model card allows only x \(inference.mirror_axes"):
+        sliding_window_probabilities(
+            PositionRamp(), volume, only_x, device=CPU, options=InferenceOptions("fp32", mirror_axes=(0, 1, 2))
+        )
+    none = replace(only_x, mirror_axes=())
+    with pytest.raises(ValueError, match=r"the model card allows no mirror axis"):
+        sliding_window_probabilities(PositionRamp(), volume, none, device=CPU, options=model_axes)
+    with pytest.raises(ValueError, match="'model'"):
+        InferenceOptions(mirror_axes="all")

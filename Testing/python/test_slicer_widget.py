@@ -19,6 +19,7 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install sl
 pytestmark = [pytest.mark.slicer, pytest.mark.slow]
 
 import fake_slicer_gui  # noqa: E402
+from helpers import write_model_folder  # noqa: E402
 from MedSegLib.selftest import SAMPLE_NODE_NAME, loadVolume, sampleFile  # noqa: E402
 
 
@@ -111,6 +112,23 @@ def test_an_engine_error_reaches_the_user_and_the_scene_stays(module, tmp_path):
     assert len(module.recorder.errors) == 1 and 'volume "Broken"' in module.recorder.errors[0]
     assert "NaN" in module.recorder.errors[0] and widget.ui.statusLabel.text.startswith("Failed")
     assert module.scene.GetNumberOfNodes() == nodes and widget.ui.applyButton.text == "Apply"
+    widget.cleanup()
+
+
+def test_mirroring_is_offered_only_for_models_whose_training_flipped_an_axis(module, tmp_path, monkeypatch):
+    medseg = module.module
+    loadVolume(module.scene, sampleFile(), SAMPLE_NODE_NAME)
+    widget = medseg.MedSegWidget()
+    widget.setup()
+    ui = widget.ui
+    assert ui.ttaCheckBox.enabled and ui.ttaCheckBox.text.endswith("(mirroring along x, 2x slower)")
+    widget._parameterNode.testTimeAugmentation = True
+    folder = write_model_folder(tmp_path / "no-flips")  # a card without mirror axes
+    monkeypatch.setattr(medseg.qt.QFileDialog, "getExistingDirectory", lambda *args: str(folder))
+    widget.onAddModelFolder()
+    assert widget._parameterNode.model == str(folder) and module.recorder.errors == []
+    assert not ui.ttaCheckBox.enabled and not widget._parameterNode.testTimeAugmentation
+    assert "not for this model" in ui.ttaCheckBox.text and "flipped no axis" in ui.ttaCheckBox.toolTip
     widget.cleanup()
 
 

@@ -223,6 +223,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     folder_b = train(split, resume=True)
     state_a, state_b = _network_state(straight.run_path), _network_state(split.run_path)
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), "resumed weights differ from uninterrupted"
+    assert json.loads((folder_a / "model.json").read_text())["inference"]["mirror_axes"] == [1], "the flipped axis"
     card_a = json.loads((folder_a / "model.json").read_text())["training"]
     card_b = json.loads((folder_b / "model.json").read_text())["training"]
     for card in (card_a, card_b):
@@ -530,9 +531,16 @@ def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, caps
     from training.crossval import main as crossval
 
     dataset = make_dataset(tmp_path / "toy")
-    path = write_config(tmp_path, dataset, epochs=2, folds=3, description="toy cross-validation, seconds on a CPU")
+    description = "toy cross-validation, seconds on a CPU"
+    path = write_config(tmp_path, dataset, epochs=2, folds=3, description=description, augmentation={"flip_axes": [2]})
     assert crossval([str(path), "--folds", "0"]) == 0
     assert not (tmp_path / "out" / "toy-model-cv.json").exists(), "no summary before every fold is done"
+    assert crossval([str(path)]) == 0 and not (tmp_path / "out" / "toy-model").exists()
+    for fold in range(3):  # as folds trained before cards listed mirror axes
+        card_path = tmp_path / "out" / f"toy-model-fold{fold}" / "model.json"
+        card = json.loads(card_path.read_text())
+        assert card["inference"].pop("mirror_axes") == [2]
+        card_path.write_text(json.dumps(card))
     assert crossval([str(path), "--ship"]) == 0
     summary = json.loads((tmp_path / "out" / "toy-model-cv.json").read_text())
     assert summary["folds"] == 3 and summary["cases"] == 6, "each case is validated exactly once"
@@ -547,7 +555,8 @@ def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, caps
         )
     shipped = json.loads((tmp_path / "out" / "toy-model" / "model.json").read_text())
     assert shipped["training"]["cross_validation"]["mean"] == summary["mean"]
-    assert shipped["training"]["config"]["description"] == "toy cross-validation, seconds on a CPU"
+    assert shipped["training"]["config"]["description"] == description
+    assert shipped["inference"]["mirror_axes"] == [2], "the shipped card lists the axes training flipped"
     Segmenter(tmp_path / "out" / "toy-model", device="cpu")
 
 
@@ -679,3 +688,35 @@ def test_bf16_on_a_device_without_it_is_refused_before_anything_is_read(tmp_path
     with pytest.raises(ValueError, match=r"amp bf16: cpu has no fast bfloat16 .* use amp off"):
         train(config)
     assert not list(tmp_path.glob("**/splits.json"))
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_training_matches_eager_and_resumes_an_eager_checkpoint(tmp_path):
+    """compile and channels_last change the speed, not the optimisation: same losses, a plain model folder."""
+    import torch
+
+    dataset = make_dataset(tmp_path / "toy")
+    common = {"epochs": 4, "steps_per_epoch": 3, "validate_every": 2}
+    eager = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "eager" / "m"), **common))
+    fast = {"compile": True, "channels_last": True}
+    compiled = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "fast" / "m"), **common, **fast))
+    folders = {"eager": train(eager)}
+    # the fast run starts as an eager one interrupted after 5 steps, resumed with compile and channels_last on
+    interrupted = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "fast" / "m"), **common))
+    assert train(interrupted, stop_at_step=5) is None
+    folders["fast"] = train(compiled, resume=True)
+    histories = {
+        name: json.loads((config.run_path / "metrics.json").read_text())["history"]
+        for name, config in (("eager", eager), ("fast", compiled))
+    }
+    losses = {name: np.array([e["loss"] for e in history]) for name, history in histories.items()}
+    assert len(losses["eager"]) == len(losses["fast"]) == 4
+    assert losses["fast"][-1] < 0.8 * losses["fast"][0], "the compiled run did not learn"
+    np.testing.assert_allclose(losses["fast"], losses["eager"], rtol=0.02)  # rounding only, not another recipe
+    cards = {name: json.loads((folder / "model.json").read_text()) for name, folder in folders.items()}
+    assert cards["fast"]["training"]["config"]["compile"] is True
+    dice = {name: card["training"]["validation"]["mean"]["Bright"] for name, card in cards.items()}
+    assert abs(dice["fast"] - dice["eager"]) < 0.02, dice
+    state = torch.load(folders["fast"] / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state), "the compiled wrapper's names leaked into the weights"
+    assert all(v.is_contiguous() for v in state.values()), "the model folder keeps the training layout"

@@ -93,6 +93,9 @@ class InferenceSettings:
     overlap: float = 0.5
     blend_mode: str = "gaussian"
     sw_batch_size: int = 2
+    #: axes (0, 1, 2 = x, y, z) along which a mirrored input gives the mirrored answer, because training flipped
+    #: them: the only axes test-time mirroring may use. () when none (e.g. left and right are different labels).
+    mirror_axes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,11 +265,17 @@ def _inference(f: _Fields) -> InferenceSettings:
         raise ModelCardError(f.path, f"field '{f.name('overlap')}' must be in [0, 1), got {overlap}")
     if min(roi) < 1:
         raise ModelCardError(f.path, f"field '{f.name('roi_size')}' must be positive, got {list(roi)}")
+    mirror_axes = f.get("mirror_axes", list, [])
+    if any(a not in (0, 1, 2) or isinstance(a, bool) for a in mirror_axes) or len(set(mirror_axes)) != len(mirror_axes):
+        raise ModelCardError(
+            f.path, f"field '{f.name('mirror_axes')}' must list distinct axes among 0, 1, 2, got {mirror_axes!r}"
+        )
     return InferenceSettings(
         roi_size=roi,
         overlap=overlap,
         blend_mode=f.choice("blend_mode", BLEND_MODES, "gaussian"),
         sw_batch_size=max(1, f.get("sw_batch_size", int, 2)),
+        mirror_axes=tuple(sorted(mirror_axes)),
     )
 
 
