@@ -95,6 +95,7 @@ class TrainConfig:
     adversarial_learning_rate: float = 2e-4  #: the discriminator's Adam learning rate (betas 0.5, 0.999)
     export: list[str] = field(default_factory=list)  #: any of "torchscript", "onnx", "fp16", "int8"
     plan: str | None = None  #: "dynunet": network, spacing and patch planned from the data (prod(patch_size) = budget)
+    plan_filters: tuple[int, int] = (32, 320)  #: the plan's filters: first level's, doubled per level up to the second
 
     @property
     def run_path(self) -> Path:
@@ -153,6 +154,8 @@ def check_config(config: TrainConfig, source: str) -> None:
         missing = sorted(set(required) - set(config.dataset))
         if missing:
             raise ValueError(f"{source}: the {layout} dataset layout needs {', '.join(missing)}")
+    if len(config.plan_filters) != 2 or not 1 <= config.plan_filters[0] <= config.plan_filters[1]:
+        raise ValueError(f"{source}: plan_filters must be [first, most], 1 <= first <= most, not {config.plan_filters}")
     for key in ("compile", "channels_last", "progress"):
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"{source}: {key} must be true or false, not {getattr(config, key)!r}")
@@ -173,6 +176,7 @@ def config_from_dict(data: dict[str, Any], source: str = "the training config", 
             raise ValueError(f"{source}: the key {key!r} is required")
     config = TrainConfig(**data, augmentation=Augmentation(**augmentation))
     config.patch_size = tuple(config.patch_size)
+    config.plan_filters = tuple(config.plan_filters)
     config.export = list(config.export)
     check_config(config, source)
     if base is not None:

@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from medseg.models.folder import load_model_folder, sha256_of
 
 from .config import TrainConfig, load_config
-from .train import staged_folder, train
+from .train import shared_duplicates, staged_folder, train
 
 
 def fold_config(config: TrainConfig, fold: int) -> TrainConfig:
@@ -57,11 +59,14 @@ def ship(config: TrainConfig, summary: dict) -> Path:
     best = max(summary["per_fold"], key=lambda f: np.mean(list(f["dice"].values())))["fold"]
     source = Path(fold_config(config, best).output)
     target = Path(config.output)
-    from medseg.models.folder import load_model_folder
 
     with staged_folder(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         card = json.loads((tmp / "model.json").read_text(encoding="utf-8"))
+        # folds written before weights were stored once each (DynUNet lists its encoder twice): the same values
+        weights = tmp / card["weights"]["file"]
+        torch.save(shared_duplicates(torch.load(weights, map_location="cpu", weights_only=True)), weights)
+        card["weights"]["sha256"] = sha256_of(weights)
         card["training"]["cross_validation"] = {**summary, "shipped_fold": best}
         # folds trained before cards carried mirror axes: the same default as training's card
         card["inference"].setdefault("mirror_axes", sorted(config.augmentation.flip_axes))

@@ -7,7 +7,7 @@
 - Downsampling: at each level, an axis is halved when its current spacing is at most twice the finest one and
   its feature map stays at least 8 voxels (4 after the halving); a coarse axis keeps a 1-voxel kernel until its
   spacing is comparable, so an anisotropic scan is first pooled in plane.
-- Filters: 32 doubled per level, at most 320.
+- Filters: 32 doubled per level, at most 320 (nnU-Net's; ``base_filters`` and ``max_filters`` change them).
 
 Only headers are read (``ReadImageInformation``), so planning a large dataset takes seconds.
 """
@@ -66,7 +66,12 @@ def _fit_patch(shape, spacing, max_voxels: int) -> list[int]:
 
 
 def plan_dynunet(
-    images: list, *, spacing=None, max_patch_voxels: int = 128**3, max_filters: int = MAX_FILTERS
+    images: list,
+    *,
+    spacing=None,
+    max_patch_voxels: int = 128**3,
+    base_filters: int = BASE_FILTERS,
+    max_filters: int = MAX_FILTERS,
 ) -> dict[str, Any]:
     """The DynUNet card kwargs, patch size and spacing for a dataset given by one image file per case.
 
@@ -83,7 +88,7 @@ def plan_dynunet(
     total = np.prod(np.array(strides), axis=0)
     up = [int(-(-p // t) * t) for p, t in zip(patch, total)]  # nnU-Net rounds up and pads the images
     patch = up if np.prod(up) <= max_patch_voxels else [max(int(p // t * t), int(t) * 2) for p, t in zip(patch, total)]
-    filters = [min(BASE_FILTERS * 2**level, max_filters) for level in range(len(strides))]
+    filters = [min(base_filters * 2**level, max_filters) for level in range(len(strides))]
     return {
         "spacing": [round(float(s), 4) for s in target],
         "median_shape": [round(float(s), 1) for s in median_shape],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -256,6 +257,14 @@ RESUME_IGNORED = {
 }
 
 
+def _option_defaults() -> dict[str, Any]:
+    """Every config option that has a plain default, as :meth:`TrainConfig.as_dict` records it."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return json.loads(json.dumps(defaults, default=list))
+
+
 def _save_atomically(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -401,7 +410,8 @@ def train(
     checkpoint = None
     if resume and checkpoint_path.is_file():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        saved, now = checkpoint["config"], config.as_dict()
+        # an option added since the checkpoint was made counts as its default
+        saved, now = {**_option_defaults(), **checkpoint["config"]}, config.as_dict()
         changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_IGNORED and saved.get(k) != now.get(k))
         if changed:
             raise ValueError(
@@ -603,12 +613,15 @@ def _apply_plan(config: TrainConfig, draft: dict[str, Any], cases):
         [case.images[0] for case in cases],
         spacing=draft["preprocessing"].get("spacing"),
         max_patch_voxels=int(np.prod(config.patch_size)),
+        base_filters=config.plan_filters[0],
+        max_filters=config.plan_filters[1],
     )
     logger.info(
-        "planned DynUNet: spacing %s, patch %s, strides %s",
+        "planned DynUNet: spacing %s, patch %s, strides %s, filters %s",
         plan["spacing"],
         plan["patch_size"],
         plan["kwargs"]["strides"],
+        plan["kwargs"]["filters"],
     )
     draft = copy.deepcopy(draft)
     kwargs = {**plan["kwargs"], **_dropout_kwargs("DynUNet", config.dropout)}
@@ -694,12 +707,29 @@ def staged_folder(target: Path):
         raise
 
 
+def shared_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with tensors of equal dtype, shape and values stored once.
+
+    MONAI's DynUNet registers every encoder layer twice (also under ``skip_layers``), so a copied state_dict holds
+    each of those weights twice: 22.5 MB instead of 11.3 MB in float16 for the planned hippocampus DynUNet.
+    ``torch.save`` writes a shared tensor once; loading copies the values into each name as before.
+    """
+    seen: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        data = tensor.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        key = (data.dtype, tuple(data.shape), digest)
+        out[name] = seen.setdefault(key, data)
+    return out
+
+
 def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: TrainingRun) -> Path:
     """Write weights (float16) and card to a temporary folder, evaluate it from files, then move it in place."""
     output = Path(config.output)
     with staged_folder(output) as tmp:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in run.best_state.items()}
-        torch.save(state, tmp / "model.pt")
+        torch.save(shared_duplicates(state), tmp / "model.pt")
         draft["weights"] = {"file": "model.pt", "sha256": sha256_of(tmp / "model.pt")}
         draft["training"] = {
             "command": run.provenance["command"],

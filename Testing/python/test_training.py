@@ -720,3 +720,49 @@ def test_compiled_channels_last_training_matches_eager_and_resumes_an_eager_chec
     state = torch.load(folders["fast"] / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in state), "the compiled wrapper's names leaked into the weights"
     assert all(v.is_contiguous() for v in state.values()), "the model folder keeps the training layout"
+
+
+def test_weights_that_a_network_lists_twice_are_written_once(tmp_path):
+    """DynUNet registers its encoder layers twice (also as skip_layers); the model folder stores them once."""
+    import torch
+    from medseg.models.architectures import build_network
+
+    from training.train import shared_duplicates
+
+    kwargs = {
+        "kernel_size": [[3, 3, 3]] * 3,
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        "upsample_kernel_size": [[2, 2, 2]] * 2,
+        "filters": [8, 16, 32],
+        "res_block": True,
+    }
+    network = build_network("DynUNet", in_channels=1, out_channels=3, kwargs=kwargs)
+    halves = {k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()}  # copies each
+    torch.save(halves, tmp_path / "naive.pt")
+    torch.save(shared_duplicates(halves), tmp_path / "shared.pt")
+    unique_bytes = sum(p.numel() * 2 for p in network.parameters())
+    assert (tmp_path / "naive.pt").stat().st_size > 1.8 * unique_bytes, "DynUNet no longer lists weights twice?"
+    assert (tmp_path / "shared.pt").stat().st_size < 1.2 * unique_bytes + 50_000
+    loaded = torch.load(tmp_path / "shared.pt", weights_only=True)
+    assert loaded.keys() == halves.keys() and all(torch.equal(loaded[k], halves[k]) for k in halves)
+    fresh = build_network("DynUNet", in_channels=1, out_channels=3, kwargs=kwargs)
+    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in loaded.items()})
+    assert all(torch.equal(a.half(), b.half()) for a, b in zip(fresh.state_dict().values(), halves.values()))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default(tmp_path):
+    import torch
+
+    dataset = make_dataset(tmp_path / "toy")
+    config = load_config(write_config(tmp_path, dataset, epochs=2))
+    train(config, stop_at_step=1)
+    path = config.run_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    for newer in ("plan_filters", "compile", "channels_last"):
+        del checkpoint["config"][newer]
+    torch.save(checkpoint, path)
+    assert (train(config, resume=True) / "model.json").is_file()
+    checkpoint["config"]["plan_filters"] = [16, 128]  # a value that is not the default is a change
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"made with a different config \(plan_filters changed\)"):
+        train(config, resume=True)
