@@ -1,6 +1,6 @@
 """k-fold cross-validation: train every fold of a config, and put the cross-validated Dice into the model card.
 
-    python -m training.crossval training/configs/hippocampus-nnunet.json [--folds 0 1] [--ship]
+    python -m training.crossval training/configs/hippocampus-nnunet.json [--folds 0 1] [--ship [--weights int8]]
 
 Fold i is trained into ``<output>-fold<i>`` (its run folder beside it), on the splits file every fold shares.
 A fold whose model folder already exists is not trained again, so an interrupted cross-validation continues
@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medseg.models.folder import load_model_folder, sha256_of
+from medseg.models.folder import load_model_folder, quantized, sha256_of
 
 from .config import TrainConfig, load_config
-from .train import shared_duplicates, staged_folder, train
+from .data import read_dataset
+from .train import evaluate_model_folder, shared_duplicates, staged_folder, train
+
+logger = logging.getLogger("training")
 
 
 def fold_config(config: TrainConfig, fold: int) -> TrainConfig:
@@ -54,23 +57,37 @@ def summarise(config: TrainConfig) -> dict:
     }
 
 
-def ship(config: TrainConfig, summary: dict) -> Path:
-    """Copy the best fold's model folder to ``config.output``, its card carrying the cross-validation summary."""
+def ship(config: TrainConfig, summary: dict, *, weights: str = "float") -> Path:
+    """Copy the best fold's model folder to ``config.output``, its card carrying the cross-validation summary.
+
+    ``weights="int8"`` stores the weights as int8 with a scale per output channel (half the size of float16; see
+    :func:`medseg.models.folder.quantized`) and scores the shipped folder again on its fold's held-out cases, so
+    the card's ``training.validation`` describes the weights shipped (the fold's own is kept beside it).
+    """
     best = max(summary["per_fold"], key=lambda f: np.mean(list(f["dice"].values())))["fold"]
-    source = Path(fold_config(config, best).output)
+    folded = fold_config(config, best)
+    source = Path(folded.output)
     target = Path(config.output)
 
     with staged_folder(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         card = json.loads((tmp / "model.json").read_text(encoding="utf-8"))
-        # folds written before weights were stored once each (DynUNet lists its encoder twice): the same values
-        weights = tmp / card["weights"]["file"]
-        torch.save(shared_duplicates(torch.load(weights, map_location="cpu", weights_only=True)), weights)
-        card["weights"]["sha256"] = sha256_of(weights)
+        weights_path = tmp / card["weights"]["file"]
+        # shared_duplicates: folds written before weights were stored once each (DynUNet lists its encoder twice)
+        state = shared_duplicates(torch.load(weights_path, map_location="cpu", weights_only=True))
+        torch.save(quantized(state) if weights == "int8" else state, weights_path)
+        card["weights"].update(sha256=sha256_of(weights_path), storage=weights)
         card["training"]["cross_validation"] = {**summary, "shipped_fold": best}
         # folds trained before cards carried mirror axes: the same default as training's card
         card["inference"].setdefault("mirror_axes", sorted(config.augmentation.flip_axes))
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        if weights == "int8":
+            cases = {case.case_id: case for case in read_dataset(config.dataset)[0]}
+            held_out = json.loads(Path(folded.splits_file).read_text(encoding="utf-8"))[best]["val"]
+            card["training"]["validation_float16"] = card["training"]["validation"]
+            card["training"]["validation"] = evaluate_model_folder(tmp, [cases[c] for c in held_out])
+            (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+            logger.info("int8 weights: validation %s", card["training"]["validation"]["mean"])
         load_model_folder(tmp)  # the engine must accept what is shipped
     return target
 
@@ -82,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a training config with folds >= 2")
     parser.add_argument("--folds", type=int, nargs="*", help="train only these folds (default: all)")
     parser.add_argument("--ship", action="store_true", help="copy the best fold to the config's output with the CV")
+    parser.add_argument(
+        "--weights",
+        choices=("float", "int8"),
+        default="float",
+        help="how --ship stores the weights: as trained (float16) or int8 per output channel, half the size, "
+        "scored again on the fold's held-out cases (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_config(args.config)
@@ -99,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(f"{config.output}-cv.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(json.dumps({"cross_validated_dice": summary["mean"], "folds": config.folds}))
     if args.ship:
-        print(ship(config, summary))
+        print(ship(config, summary, weights=args.weights))
     return 0
 
 

@@ -83,6 +83,45 @@ def test_card_that_is_not_json(tiny_model):
         load_model_folder(tiny_model)
 
 
+def _store_int8(folder):
+    from medseg.models.folder import quantized, sha256_of
+
+    state = torch.load(folder / "model.pt", weights_only=True)
+    torch.save(quantized(state), folder / "model.pt")
+    edit_card(folder, lambda d: d["weights"].update(storage="int8", sha256=sha256_of(folder / "model.pt")))
+    return state
+
+
+def test_int8_weights_load_within_their_rounding(tiny_model):
+    original = _store_int8(tiny_model)
+    stored = torch.load(tiny_model / "model.pt", weights_only=True)
+    convolutions = [k for k, v in original.items() if v.dim() >= 2]
+    assert convolutions and all(stored[k].dtype == torch.int8 for k in convolutions)
+    loaded = load_model_folder(tiny_model)
+    assert loaded.card.weights_storage == "int8"
+    for name, tensor in loaded.network.state_dict().items():
+        step = original[name].abs().amax() / 127 if name in convolutions else 1e-3 * original[name].abs().max()
+        assert (tensor - original[name].float()).abs().max() <= step + 1e-6, name  # half a step per channel at most
+        if name in convolutions:
+            assert not torch.equal(tensor, original[name].float()), "really rounded"
+
+
+def test_int8_weights_without_their_scale_are_a_clear_error(tiny_model):
+    _store_int8(tiny_model)
+    state = torch.load(tiny_model / "model.pt", weights_only=True)
+    name = next(k for k in state if k.endswith(":scale"))
+    del state[name]
+    torch.save(state, tiny_model / "model.pt")
+    from medseg.models.folder import sha256_of
+
+    edit_card(tiny_model, lambda d: d["weights"].update(sha256=sha256_of(tiny_model / "model.pt")))
+    with pytest.raises(ModelCardError, match=r"model\.pt: int8 tensor .* needs a scale per output channel"):
+        load_model_folder(tiny_model)
+    edit_card(tiny_model, lambda d: d["weights"].update(storage="int4"))
+    with pytest.raises(ModelCardError, match=r"'weights.storage' is 'int4'; expected one of float, int8"):
+        load_model_folder(tiny_model)
+
+
 def test_weights_changed_after_the_card_was_written(tiny_model):
     state = torch.load(tiny_model / "model.pt", weights_only=True)
     next(iter(state.values())).add_(1.0)

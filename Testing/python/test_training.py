@@ -528,6 +528,8 @@ def test_adversarial_training_trains_records_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, capsys):
+    import torch
+
     from training.crossval import main as crossval
 
     dataset = make_dataset(tmp_path / "toy")
@@ -557,6 +559,23 @@ def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, caps
     assert shipped["training"]["cross_validation"]["mean"] == summary["mean"]
     assert shipped["training"]["config"]["description"] == description
     assert shipped["inference"]["mirror_axes"] == [2], "the shipped card lists the axes training flipped"
+    assert shipped["weights"]["storage"] == "float"
+    Segmenter(tmp_path / "out" / "toy-model", device="cpu")
+    float_size = (tmp_path / "out" / "toy-model" / "model.pt").stat().st_size
+
+    assert crossval([str(path), "--ship", "--weights", "int8"]) == 0
+    shipped = json.loads((tmp_path / "out" / "toy-model" / "model.json").read_text())
+    fold = shipped["training"]["cross_validation"]["shipped_fold"]
+    fold_card = json.loads((tmp_path / "out" / f"toy-model-fold{fold}" / "model.json").read_text())
+    assert shipped["weights"]["storage"] == "int8"
+    assert shipped["training"]["validation_float16"] == fold_card["training"]["validation"]
+    rescored = shipped["training"]["validation"]
+    assert rescored["cases"] == fold_card["training"]["validation"]["cases"] == 2
+    for label, dice in rescored["mean"].items():
+        assert dice == pytest.approx(fold_card["training"]["validation"]["mean"][label], abs=0.02)
+    state = torch.load(tmp_path / "out" / "toy-model" / "model.pt", weights_only=True)
+    assert any(v.dtype == torch.int8 for v in state.values()) and any(k.endswith(":scale") for k in state)
+    assert (tmp_path / "out" / "toy-model" / "model.pt").stat().st_size < float_size
     Segmenter(tmp_path / "out" / "toy-model", device="cpu")
 
 

@@ -16,6 +16,7 @@ from ..errors import ModelCardError
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
+WEIGHT_STORAGES = ("float", "int8")
 CARD_FORMAT_VERSION = 1
 
 NORMALIZATIONS = ("zscore", "range", "none")
@@ -122,6 +123,9 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     citation: str = ""
     weights_file: str = WEIGHTS_FILE
+    #: how the weights file stores its tensors: "float" (as they are; float16 keeps a repository small) or "int8"
+    #: (each floating tensor of two or more dimensions as int8 with a scale per output channel, ``<name>:scale``)
+    weights_storage: str = "float"
 
     @property
     def num_classes(self) -> int:
@@ -138,7 +142,11 @@ class ModelCard:
         """The card as JSON-ready data, in the same shape :func:`card_from_dict` reads."""
         data = asdict(self)
         data["format_version"] = CARD_FORMAT_VERSION
-        data["weights"] = {"file": data.pop("weights_file"), "sha256": data.pop("weights_sha256")}
+        data["weights"] = {
+            "file": data.pop("weights_file"),
+            "sha256": data.pop("weights_sha256"),
+            "storage": data.pop("weights_storage"),
+        }
         for label in data["labels"]:
             term = label.get("terminology")
             if term:
@@ -328,6 +336,7 @@ def card_from_dict(data: Any, path: str | Path = CARD_FILE) -> ModelCard:
         training=dict(f.get("training", dict, {})),
         weights_sha256=sha.lower(),
         weights_file=weights_file,
+        weights_storage=weights.choice("storage", WEIGHT_STORAGES, "float"),
     )
 
 

@@ -65,6 +65,8 @@ def load_model_folder(folder: str | Path) -> LoadedModel:
     except ArchitectureError as exc:
         raise ModelCardError(folder / "model.json", f"field 'network': {exc}") from None
     state = _read_state_dict(weights_path)
+    if card.weights_storage == "int8":
+        state = dequantized(state, weights_path)
     _load_matching(network, state, weights_path)
     network.eval()
     logger.debug("loaded %s %s from %s", card.id, card.version, folder)
@@ -79,6 +81,62 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelCardError(path, "is not a plain state_dict (a mapping of tensor names to tensors)")
     return state
+
+
+SCALE_SUFFIX = ":scale"
+
+
+def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state for ``weights.storage`` "int8": each floating tensor of two or more dimensions (convolution and
+    linear weights) as int8 with a float32 scale per output channel (symmetric, largest magnitude to 127); the rest
+    (biases, norms) in float16. Half the size of float16 weights; tensors that are equal stay shared."""
+    out: dict[str, torch.Tensor] = {}
+    done: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if key not in done:
+            if tensor.dim() >= 2:
+                weights = tensor.detach().float().cpu()
+                axes = tuple(range(1, weights.dim()))
+                scale = weights.abs().amax(dim=axes, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+                done[key] = ((weights / scale).round().clamp(-127, 127).to(torch.int8), scale)
+            else:
+                done[key] = (tensor.detach().cpu().half(), None)
+        value, scale = done[key]
+        out[name] = value
+        if scale is not None:
+            out[name + SCALE_SUFFIX] = scale
+    return out
+
+
+def dequantized(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Float32 tensors from an "int8" state (see :func:`quantized`)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name[: -len(SCALE_SUFFIX)] not in state:
+                raise ModelCardError(path, f"scale {name} has no int8 tensor {name[: -len(SCALE_SUFFIX)]}")
+            continue
+        if tensor.dtype == torch.int8:
+            scale = state.get(name + SCALE_SUFFIX)
+            if scale is None or scale.dim() != tensor.dim() or scale.shape[0] != tensor.shape[0]:
+                raise ModelCardError(
+                    path,
+                    f"int8 tensor {name} needs a scale per output channel, {name}{SCALE_SUFFIX} "
+                    "(field 'weights.storage' is int8)",
+                )
+            out[name] = tensor.float() * scale.float()
+        else:
+            out[name] = tensor
+    return out
 
 
 def _load_matching(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
