@@ -88,8 +88,9 @@ SCALE_SUFFIX = ":scale"
 
 def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state for ``weights.storage`` "int8": each floating tensor of two or more dimensions (convolution and
-    linear weights) as int8 with a float32 scale per output channel (symmetric, largest magnitude to 127); the rest
-    (biases, norms) in float16. Half the size of float16 weights; tensors that are equal stay shared."""
+    linear weights) as int8 with a float32 scale per slice along its first dimension (a convolution's output
+    channel; symmetric, the largest magnitude to 127); the rest (biases, norms) in float16. Half the size of float16
+    weights; tensors that share memory stay shared."""
     out: dict[str, torch.Tensor] = {}
     done: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name, tensor in state.items():
