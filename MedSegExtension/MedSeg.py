@@ -278,23 +278,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.setVisible(visible)
             if index < len(channels):
                 label.text = f"{channels[index].name} volume:"
-        mirrorAxes = entry.card.inference.mirror_axes if entry is not None and entry.card is not None else ()
-        if not mirrorAxes and self._parameterNode.testTimeAugmentation:
-            self._parameterNode.testTimeAugmentation = False  # updates the GUI again
-            return
-        self.ui.ttaCheckBox.enabled = bool(mirrorAxes)
-        if mirrorAxes:
-            axes = ", ".join("xyz"[a] for a in mirrorAxes)
-            slower = 2 ** len(mirrorAxes)
-            self.ui.ttaCheckBox.text = f"Test-time augmentation (mirroring along {axes}, {slower}x slower)"
-        else:
-            self.ui.ttaCheckBox.text = "Test-time augmentation (not for this model)"
-        self.ui.ttaCheckBox.toolTip = (
-            "Average the network's output over mirrorings of each window along the axes this model's training "
-            "flipped, as nnU-Net does: sometimes a little more accurate, more work."
-            if mirrorAxes
-            else "This model's training flipped no axis, so its mirrored predictions would not match."
-        )
+        self.updateMirroringBox(entry)
         self.updateRefineSection()
         if self.job is None:
             volumes = self.selectedVolumes()
@@ -305,6 +289,31 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.applyButton.toolTip = f"This module takes at most {MAX_CHANNELS} channels; use medseg segment."
             else:
                 self.ui.applyButton.toolTip = "Run the model." if ready else "Select the model and every input volume."
+
+    def mirrorAxes(self, entry=None):
+        """The axes the selected model's card allows test-time mirroring along; () for none or no model."""
+        entry = entry if entry is not None else self.modelEntries.get(self._parameterNode.model)
+        card = entry.card if entry is not None else None
+        return tuple(card.inference.mirror_axes or ()) if card is not None else ()
+
+    def updateMirroringBox(self, entry):
+        """Offer mirroring only along the axes the model's training flipped; the user's choice is kept for others."""
+        mirrorAxes = self.mirrorAxes(entry)
+        box = self.ui.ttaCheckBox
+        box.enabled = bool(mirrorAxes)
+        if mirrorAxes:
+            axes = ", ".join("xyz"[a] for a in mirrorAxes)
+            box.text = f"Test-time augmentation (mirroring along {axes}, {2 ** len(mirrorAxes)}x slower)"
+            box.toolTip = (
+                "Average the network's output over mirrorings of each window along the axes this model's training "
+                "flipped, as nnU-Net does: sometimes a little more accurate, more work."
+            )
+            return
+        box.text = "Test-time augmentation (not for this model)"
+        if entry is not None and entry.card is not None and entry.card.inference.mirror_axes is None:
+            box.toolTip = "This model's card does not list the axes its training flipped (inference.mirror_axes)."
+        else:
+            box.toolTip = "This model's training flipped no axis, so its mirrored predictions would not match."
 
     def channelWidgets(self):
         """(volume selector, label) per input channel, in the card's channel order."""
@@ -353,7 +362,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputSegmentation=self._parameterNode.outputSegmentation,
                 preview=self._parameterNode.preview,
                 precision="fp32" if self._parameterNode.fullPrecision else "auto",
-                testTimeAugmentation=self._parameterNode.testTimeAugmentation,
+                testTimeAugmentation=self._parameterNode.testTimeAugmentation and bool(self.mirrorAxes()),
             )
             self.setRunning(True)
             self.timer.start()

@@ -154,14 +154,15 @@ def check_config(config: TrainConfig, source: str) -> None:
         missing = sorted(set(required) - set(config.dataset))
         if missing:
             raise ValueError(f"{source}: the {layout} dataset layout needs {', '.join(missing)}")
-    if len(config.plan_filters) != 2 or not 1 <= config.plan_filters[0] <= config.plan_filters[1]:
+    filters = config.plan_filters
+    if len(filters) != 2 or any(type(f) is not int for f in filters) or not 1 <= filters[0] <= filters[1]:
         raise ValueError(f"{source}: plan_filters must be [first, most], 1 <= first <= most, not {config.plan_filters}")
     for key in ("compile", "channels_last", "progress"):
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"{source}: {key} must be true or false, not {getattr(config, key)!r}")
-    for axis in config.augmentation.flip_axes:
-        if axis not in (0, 1, 2):
-            raise ValueError(f"{source}: augmentation flip axis {axis} is not 0, 1 or 2")
+    flips = config.augmentation.flip_axes
+    if any(type(axis) is not int or axis not in (0, 1, 2) for axis in flips) or len(set(flips)) != len(flips):
+        raise ValueError(f"{source}: augmentation flip_axes must be distinct axes among 0, 1, 2, not {list(flips)}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "the training config", base: Path | None = None):

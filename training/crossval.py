@@ -78,12 +78,18 @@ def ship(config: TrainConfig, summary: dict, *, weights: str = "float") -> Path:
         torch.save(quantized(state) if weights == "int8" else state, weights_path)
         card["weights"].update(sha256=sha256_of(weights_path), storage=weights)
         card["training"]["cross_validation"] = {**summary, "shipped_fold": best}
-        # folds trained before cards carried mirror axes: the same default as training's card
-        card["inference"].setdefault("mirror_axes", sorted(config.augmentation.flip_axes))
+        # folds trained before cards carried mirror axes: the axes that fold's own training flipped
+        flipped = card["training"]["config"]["augmentation"]["flip_axes"]
+        card["inference"].setdefault("mirror_axes", sorted(set(flipped)))
+        if weights == "int8":
+            card["format_version"] = 2  # an older MedSeg refuses the card by its version, not on the weights
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         if weights == "int8":
             cases = {case.case_id: case for case in read_dataset(config.dataset)[0]}
-            held_out = json.loads(Path(folded.splits_file).read_text(encoding="utf-8"))[best]["val"]
+            held_out = card["training"]["split"]["validation"]
+            missing = sorted(set(held_out) - set(cases))
+            if missing:
+                raise ValueError(f"{source}: held-out case(s) {', '.join(missing[:3])} are not in {config.dataset}")
             card["training"]["validation_float16"] = card["training"]["validation"]
             card["training"]["validation"] = evaluate_model_folder(tmp, [cases[c] for c in held_out])
             (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "scored again on the fold's held-out cases (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    if args.weights != "float" and not args.ship:
+        parser.error("--weights sets how --ship stores the shipped model; add --ship")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_config(args.config)
     if config.folds < 2:

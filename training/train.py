@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import tempfile
@@ -257,12 +258,18 @@ RESUME_IGNORED = {
 }
 
 
-def _option_defaults() -> dict[str, Any]:
-    """Every config option that has a plain default, as :meth:`TrainConfig.as_dict` records it."""
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded config, with each option added since then (augmentation's too) at its default."""
     import dataclasses
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    return json.loads(json.dumps(defaults, default=list))
+    def defaults(cls) -> dict[str, Any]:
+        plain = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        return json.loads(json.dumps(plain, default=list))
+
+    merged = {**defaults(TrainConfig), **saved}
+    if isinstance(saved.get("augmentation"), dict):
+        merged["augmentation"] = {**defaults(Augmentation), **saved["augmentation"]}
+    return merged
 
 
 def _save_atomically(obj, path: Path) -> None:
@@ -396,6 +403,15 @@ def train(
     if config.batch_size % dist.world:
         raise ValueError(f"batch_size {config.batch_size} does not split evenly over {dist.world} processes")
     _amp(config, device)  # an impossible amp fails here, before anything is read or written
+    if (
+        config.compile
+        and device.type == "cpu"
+        and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
+    ):
+        raise ValueError(
+            "compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX), and none was found; "
+            "install one or set compile to false"
+        )
     cases, dataset_labels = read_dataset(config.dataset)
     valid_values = set(dataset_labels)
     if valid_values != {0, *(label.value for label in card.labels)}:
@@ -411,7 +427,7 @@ def train(
     if resume and checkpoint_path.is_file():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         # an option added since the checkpoint was made counts as its default
-        saved, now = {**_option_defaults(), **checkpoint["config"]}, config.as_dict()
+        saved, now = _with_defaults(checkpoint["config"]), config.as_dict()
         changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_IGNORED and saved.get(k) != now.get(k))
         if changed:
             raise ValueError(

@@ -368,6 +368,11 @@ class MedSegLogic:
         volumes = [inputVolumes] if not isinstance(inputVolumes, (list, tuple)) else list(inputVolumes)
         folder, card = self.resolveModel(model)
         self._checkInputs(volumes, card)
+        if testTimeAugmentation and not card.inference.mirror_axes:
+            raise MedSegError(
+                f"model {card.id} ({folder}): test-time mirroring needs the axes its training flipped, and its card "
+                "lists none (inference.mirror_axes)"
+            )
         roiBox = roiVoxelBox(volumes[0], roi) if roi is not None else None
         dims = volumes[0].GetImageData().GetDimensions()
         keep = int(np.prod(dims)) * (len(card.labels) + 1) <= MAX_KEPT_PROBABILITY_VALUES

@@ -6,7 +6,7 @@ medseg segment flair.nii.gz t1c.nii.gz -o seg.nii.gz --model path/to/model_folde
 medseg segment ct.nrrd -o ct_seg.nrrd --roi -120 -80 -300 40 60 -180
 medseg segment t1.nii.gz -o t1_seg.nii.gz --refine
 medseg segment ct.nii.gz -o ct_preview.nii.gz --preview
-medseg segment ct.nii.gz -o ct_seg.nii.gz --precision fp32 --tta
+medseg segment t1.nii.gz -o t1_seg.nii.gz --precision fp32 --tta   # mirrored along the card's axes
 medseg refine t1.nii.gz t1_probabilities.nii.gz -o t1_refined.nii.gz --seeds-fg strokes.nii.gz
 medseg models
 medseg demo

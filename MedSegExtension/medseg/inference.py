@@ -49,7 +49,7 @@ import torch
 
 from . import backends
 from .errors import MedSegError
-from .models.card import InferenceSettings
+from .models.card import InferenceSettings, valid_axes
 from .progress import RunControl
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class InferenceOptions:
         if isinstance(self.mirror_axes, str):
             if self.mirror_axes != "model":
                 raise ValueError(f"mirror_axes must be axes among 0, 1, 2 or 'model', got {self.mirror_axes!r}")
-        elif any(a not in (0, 1, 2) for a in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
+        elif not valid_axes(self.mirror_axes):
             raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {self.mirror_axes}")
 
 
@@ -138,22 +138,22 @@ def mirror_axes_for(options: InferenceOptions, settings: InferenceSettings) -> t
     Raises:
         ValueError: mirroring asked for along an axis the card does not allow, or ``"model"`` for a card allowing none.
     """
-    allowed = tuple(settings.mirror_axes)
-    names = ", ".join(AXIS_NAMES[a] for a in allowed) or "none"
-    if options.mirror_axes == "model":
-        if not allowed:
-            raise ValueError(
-                "test-time mirroring: the model card allows no mirror axis (inference.mirror_axes is empty: its "
-                "training flipped none), so mirrored predictions would not match; run without it"
+    allowed = tuple(settings.mirror_axes or ())
+    asked = allowed if options.mirror_axes == "model" else tuple(sorted(options.mirror_axes))
+    if options.mirror_axes == "model" and not allowed or set(asked) - set(allowed):
+        if settings.mirror_axes is None:
+            why = (
+                "the model card does not list the axes its training flipped (inference.mirror_axes; cards written "
+                "before MedSeg recorded them do not); add them to the card to mirror along them"
             )
-        return allowed
-    refused = sorted(set(options.mirror_axes) - set(allowed))
-    if refused:
-        raise ValueError(
-            f"test-time mirroring along {', '.join(AXIS_NAMES[a] for a in refused)}: the model card allows only "
-            f"{names} (inference.mirror_axes, the axes its training flipped)"
-        )
-    return tuple(sorted(options.mirror_axes))
+        elif not allowed:
+            why = "the model card allows no mirror axis (inference.mirror_axes is empty: its training flipped none)"
+        else:
+            names = ", ".join(AXIS_NAMES[a] for a in allowed)
+            why = f"the model card allows only {names} (inference.mirror_axes, the axes its training flipped)"
+        refused = ", ".join(AXIS_NAMES[a] for a in sorted(set(asked) - set(allowed)))
+        raise ValueError(f"test-time mirroring{' along ' + refused if refused else ''}: {why}")
+    return asked
 
 
 @dataclass

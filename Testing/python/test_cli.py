@@ -301,12 +301,12 @@ def test_bad_inference_options_are_clear_errors(tmp_path, scan, tiny_model, caps
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_mirroring_a_model_whose_training_flipped_nothing_is_refused(tmp_path, scan, tiny_model, capsys):
+def test_mirroring_a_model_whose_card_lists_no_axes_is_refused(tmp_path, scan, tiny_model, capsys):
     out_path = tmp_path / "seg.nii.gz"
     code, _, err = run(["segment", scan, "-o", out_path, "--model", tiny_model, "--device", "cpu", "--tta"], capsys)
     assert code == 1
     assert "model tiny-test" in err and "tiny-model): test-time mirroring" in err
-    assert "allows no mirror axis (inference.mirror_axes is empty" in err
+    assert "does not list the axes its training flipped (inference.mirror_axes" in err
     assert not out_path.exists()
 
 

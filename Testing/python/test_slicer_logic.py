@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import DIRECTIONS, physical_points_of_label, with_direction
+from helpers import DIRECTIONS, physical_points_of_label, with_direction, write_model_folder
 from medseg.errors import CancelledError, MedSegError, ModelNotFoundError
 from medseg.models.card import read_card
 from medseg.preprocessing import IndexBox
@@ -251,6 +251,16 @@ def test_a_preview_says_so_and_a_full_run_into_it_takes_the_plain_names(tmp_path
         assert len(ours) == pytest.approx(len(engine), rel=0.05)
     logic.segment(volume, device="cpu", outputSegmentation=node, precision="fp32", testTimeAugmentation=True)
     assert [s[1] for s in segments_of(node)] == ["Anterior hippocampus", "Posterior hippocampus"]
+
+
+def test_mirroring_a_model_whose_card_lists_no_axes_is_refused_before_the_engine_starts(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    folder = write_model_folder(tmp_path / "no-axes")
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(MedSegError, match=r"model tiny-test .*no-axes\): test-time mirroring needs the axes"):
+        MedSegLogic(scene).startSegmentation(volume, model=folder, device="cpu", testTimeAugmentation=True)
+    assert scene.GetNumberOfNodes() == nodes
 
 
 def test_result_sits_beside_its_volume_and_under_its_transform(tmp_path):

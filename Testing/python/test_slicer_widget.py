@@ -127,8 +127,15 @@ def test_mirroring_is_offered_only_for_models_whose_training_flipped_an_axis(mod
     monkeypatch.setattr(medseg.qt.QFileDialog, "getExistingDirectory", lambda *args: str(folder))
     widget.onAddModelFolder()
     assert widget._parameterNode.model == str(folder) and module.recorder.errors == []
-    assert not ui.ttaCheckBox.enabled and not widget._parameterNode.testTimeAugmentation
-    assert "not for this model" in ui.ttaCheckBox.text and "flipped no axis" in ui.ttaCheckBox.toolTip
+    assert not ui.ttaCheckBox.enabled and "not for this model" in ui.ttaCheckBox.text
+    assert "does not list the axes its training flipped" in ui.ttaCheckBox.toolTip
+    assert widget._parameterNode.testTimeAugmentation, "browsing models keeps the user's choice"
+    widget._parameterNode.device = "cpu"
+    widget.onApplyButton()  # runs without mirroring: the engine would refuse it for this model
+    run_until_done(widget)
+    assert module.recorder.errors == [] and ui.statusLabel.text.startswith("Done in")
+    widget._parameterNode.model = "hippocampus-mri"
+    assert ui.ttaCheckBox.enabled and widget._parameterNode.testTimeAugmentation
     widget.cleanup()
 
 

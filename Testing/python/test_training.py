@@ -736,9 +736,28 @@ def test_compiled_channels_last_training_matches_eager_and_resumes_an_eager_chec
     assert cards["fast"]["training"]["config"]["compile"] is True
     dice = {name: card["training"]["validation"]["mean"]["Bright"] for name, card in cards.items()}
     assert abs(dice["fast"] - dice["eager"]) < 0.02, dice
-    state = torch.load(folders["fast"] / "model.pt", map_location="cpu", weights_only=True)
-    assert not any(k.startswith("_orig_mod") for k in state), "the compiled wrapper's names leaked into the weights"
-    assert all(v.is_contiguous() for v in state.values()), "the model folder keeps the training layout"
+    best = torch.load(compiled.run_path / "checkpoint.pt", weights_only=False)["state"]["best_state"]
+    assert all(v.is_contiguous() for v in best.values()), "the kept best weights hold the channels-last layout"
+
+
+def test_config_values_of_the_wrong_kind_are_refused_before_training(tmp_path, monkeypatch):
+    import training.train
+
+    dataset = make_dataset(tmp_path / "toy")
+    for overrides, message in (
+        ({"augmentation": {"flip_axes": [0, 0]}}, r"flip_axes must be distinct axes among 0, 1, 2, not \[0, 0\]"),
+        ({"augmentation": {"flip_axes": [True]}}, "flip_axes must be distinct axes"),
+        ({"plan_filters": ["16", 128]}, r"plan_filters must be \[first, most\]"),
+        ({"plan_filters": [64, 32]}, r"plan_filters must be \[first, most\]"),
+        ({"compile": "yes"}, "compile must be true or false"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config(write_config(tmp_path, dataset, **overrides))
+    monkeypatch.setattr(training.train.shutil, "which", lambda name: None)  # a machine without a C++ compiler
+    config = load_config(write_config(tmp_path, dataset, compile=True, output=str(tmp_path / "nocc" / "m")))
+    with pytest.raises(ValueError, match="torch.compile on a CPU needs a C\\+\\+ compiler"):
+        train(config)
+    assert not (tmp_path / "nocc").exists()
 
 
 def test_weights_that_a_network_lists_twice_are_written_once(tmp_path):
@@ -764,6 +783,10 @@ def test_weights_that_a_network_lists_twice_are_written_once(tmp_path):
     assert (tmp_path / "shared.pt").stat().st_size < 1.2 * unique_bytes + 50_000
     loaded = torch.load(tmp_path / "shared.pt", weights_only=True)
     assert loaded.keys() == halves.keys() and all(torch.equal(loaded[k], halves[k]) for k in halves)
+    from medseg.models.folder import quantized
+
+    torch.save(quantized(shared_duplicates(halves)), tmp_path / "int8.pt")
+    assert (tmp_path / "int8.pt").stat().st_size < 0.6 * (tmp_path / "shared.pt").stat().st_size + 50_000
     fresh = build_network("DynUNet", in_channels=1, out_channels=3, kwargs=kwargs)
     fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in loaded.items()})
     assert all(torch.equal(a.half(), b.half()) for a, b in zip(fresh.state_dict().values(), halves.values()))
@@ -777,8 +800,8 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default(tmp
     train(config, stop_at_step=1)
     path = config.run_path / "checkpoint.pt"
     checkpoint = torch.load(path, weights_only=False)
-    for newer in ("plan_filters", "compile", "channels_last"):
-        del checkpoint["config"][newer]
+    del checkpoint["config"]["plan_filters"]
+    del checkpoint["config"]["augmentation"]["gamma"]  # an augmentation option added later
     torch.save(checkpoint, path)
     assert (train(config, resume=True) / "model.json").is_file()
     checkpoint["config"]["plan_filters"] = [16, 128]  # a value that is not the default is a change

@@ -18,6 +18,9 @@ CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 WEIGHT_STORAGES = ("float", "int8")
 CARD_FORMAT_VERSION = 1
+#: format versions this MedSeg reads; 2 marks int8 weights (``weights.storage``), which an older MedSeg cannot load,
+#: so it refuses the card by its version instead of failing on the weights
+CARD_FORMAT_VERSIONS = (1, 2)
 
 NORMALIZATIONS = ("zscore", "range", "none")
 CROPS = ("none", "foreground")
@@ -95,8 +98,9 @@ class InferenceSettings:
     blend_mode: str = "gaussian"
     sw_batch_size: int = 2
     #: axes (0, 1, 2 = x, y, z) along which a mirrored input gives the mirrored answer, because training flipped
-    #: them: the only axes test-time mirroring may use. () when none (e.g. left and right are different labels).
-    mirror_axes: tuple[int, ...] = ()
+    #: them: the only axes test-time mirroring may use. () when none (e.g. left and right are different labels);
+    #: None when the card does not say (cards written before the field existed), which allows none either.
+    mirror_axes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class ModelCard:
     citation: str = ""
     weights_file: str = WEIGHTS_FILE
     #: how the weights file stores its tensors: "float" (as they are; float16 keeps a repository small) or "int8"
-    #: (each floating tensor of two or more dimensions as int8 with a scale per output channel, ``<name>:scale``)
+    #: (weights as int8 with a scale per slice along their first dimension, ``<name>:scale``; see
+    #: :func:`medseg.models.folder.quantized`)
     weights_storage: str = "float"
 
     @property
@@ -141,7 +146,7 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         """The card as JSON-ready data, in the same shape :func:`card_from_dict` reads."""
         data = asdict(self)
-        data["format_version"] = CARD_FORMAT_VERSION
+        data["format_version"] = 2 if self.weights_storage == "int8" else CARD_FORMAT_VERSION
         data["weights"] = {
             "file": data.pop("weights_file"),
             "sha256": data.pop("weights_sha256"),
@@ -273,8 +278,8 @@ def _inference(f: _Fields) -> InferenceSettings:
         raise ModelCardError(f.path, f"field '{f.name('overlap')}' must be in [0, 1), got {overlap}")
     if min(roi) < 1:
         raise ModelCardError(f.path, f"field '{f.name('roi_size')}' must be positive, got {list(roi)}")
-    mirror_axes = f.get("mirror_axes", list, [])
-    if any(a not in (0, 1, 2) or isinstance(a, bool) for a in mirror_axes) or len(set(mirror_axes)) != len(mirror_axes):
+    mirror_axes = f.get("mirror_axes", list, None)
+    if mirror_axes is not None and not valid_axes(mirror_axes):
         raise ModelCardError(
             f.path, f"field '{f.name('mirror_axes')}' must list distinct axes among 0, 1, 2, got {mirror_axes!r}"
         )
@@ -283,8 +288,13 @@ def _inference(f: _Fields) -> InferenceSettings:
         overlap=overlap,
         blend_mode=f.choice("blend_mode", BLEND_MODES, "gaussian"),
         sw_batch_size=max(1, f.get("sw_batch_size", int, 2)),
-        mirror_axes=tuple(sorted(mirror_axes)),
+        mirror_axes=None if mirror_axes is None else tuple(sorted(mirror_axes)),
     )
+
+
+def valid_axes(axes) -> bool:
+    """Distinct spatial axes among 0, 1, 2, as whole numbers (not floats or booleans)."""
+    return all(type(a) is int and a in (0, 1, 2) for a in axes) and len(set(axes)) == len(axes)
 
 
 def card_from_dict(data: Any, path: str | Path = CARD_FILE) -> ModelCard:
@@ -295,9 +305,11 @@ def card_from_dict(data: Any, path: str | Path = CARD_FILE) -> ModelCard:
     """
     f = _Fields(data, path)
     version = f.get("format_version", int)
-    if version != CARD_FORMAT_VERSION:
+    if version not in CARD_FORMAT_VERSIONS:
         raise ModelCardError(
-            path, f"field 'format_version' is {version}; this MedSeg reads version {CARD_FORMAT_VERSION}"
+            path,
+            f"field 'format_version' is {version}; this MedSeg reads versions "
+            f"{', '.join(map(str, CARD_FORMAT_VERSIONS))} (a newer MedSeg may read it)",
         )
     channels = tuple(
         Channel(name=c.get("name", str), modality=c.get("modality", str))

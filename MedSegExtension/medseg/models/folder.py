@@ -87,10 +87,14 @@ SCALE_SUFFIX = ":scale"
 
 
 def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state for ``weights.storage`` "int8": each floating tensor of two or more dimensions (convolution and
-    linear weights) as int8 with a float32 scale per slice along its first dimension (a convolution's output
-    channel; symmetric, the largest magnitude to 127); the rest (biases, norms) in float16. Half the size of float16
-    weights; tensors that share memory stay shared."""
+    """The state for ``weights.storage`` "int8".
+
+    Each floating tensor of two or more dimensions whose first dimension is longer than 1 (convolution and linear
+    weights) becomes int8 with a float32 scale per slice along that first dimension: symmetric, the slice's largest
+    magnitude to 127. That slice is a convolution's output channel, and a transposed convolution's input channel.
+    The rest (biases, norms, embeddings of one row) is stored in float16. The file is half the size of float16
+    weights, and tensors that share memory stay shared.
+    """
     out: dict[str, torch.Tensor] = {}
     done: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name, tensor in state.items():
@@ -104,7 +108,7 @@ def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tuple(tensor.stride()),
         )
         if key not in done:
-            if tensor.dim() >= 2:
+            if tensor.dim() >= 2 and tensor.shape[0] > 1:
                 weights = tensor.detach().float().cpu()
                 axes = tuple(range(1, weights.dim()))
                 scale = weights.abs().amax(dim=axes, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
@@ -131,7 +135,7 @@ def dequantized(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.T
             if scale is None or scale.dim() != tensor.dim() or scale.shape[0] != tensor.shape[0]:
                 raise ModelCardError(
                     path,
-                    f"int8 tensor {name} needs a scale per output channel, {name}{SCALE_SUFFIX} "
+                    f"int8 tensor {name} needs a scale per slice along its first dimension, {name}{SCALE_SUFFIX} "
                     "(field 'weights.storage' is int8)",
                 )
             out[name] = tensor.float() * scale.float()
@@ -149,6 +153,10 @@ def _load_matching(network: torch.nn.Module, state: dict[str, torch.Tensor], pat
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
+    if any(k.endswith(SCALE_SUFFIX) for k in unexpected):
+        raise ModelCardError(
+            path, "holds int8 weights with their scales, but the card's field 'weights.storage' is not int8"
+        )
     if missing or unexpected or wrong_shape:
         details = []
         if wrong_shape:
