@@ -96,6 +96,9 @@ class TrainConfig:
     export: list[str] = field(default_factory=list)  #: any of "torchscript", "onnx", "fp16", "int8"
     plan: str | None = None  #: "dynunet": network, spacing and patch planned from the data (prod(patch_size) = budget)
     plan_filters: tuple[int, int] = (32, 320)  #: the plan's filters: first level's, doubled per level up to the second
+    #: extra outputs at coarser decoder levels trained with the full-resolution one (nnU-Net's deep supervision),
+    #: weighted 1/2, 1/4, ... of it; the planned DynUNet only. Inference uses the full-resolution output alone.
+    deep_supervision: int = 0
 
     @property
     def run_path(self) -> Path:
@@ -157,6 +160,13 @@ def check_config(config: TrainConfig, source: str) -> None:
     filters = config.plan_filters
     if len(filters) != 2 or any(type(f) is not int for f in filters) or not 1 <= filters[0] <= filters[1]:
         raise ValueError(f"{source}: plan_filters must be [first, most], 1 <= first <= most, not {config.plan_filters}")
+    if type(config.deep_supervision) is not int or config.deep_supervision < 0:
+        raise ValueError(f"{source}: deep_supervision must be a whole number >= 0, not {config.deep_supervision!r}")
+    if config.deep_supervision and config.plan != "dynunet":
+        raise ValueError(
+            f"{source}: deep_supervision needs plan dynunet (for a DynUNet of your own, set deep_supervision and "
+            "deep_supr_num in the card's network kwargs)"
+        )
     for key in ("compile", "channels_last", "progress"):
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"{source}: {key} must be true or false, not {getattr(config, key)!r}")

@@ -324,7 +324,13 @@ class _Optimisation:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
-            loss = segmentation = self.loss(logits, y)
+            if logits.dim() == y.dim() + 1:  # deep supervision: (batch, heads, classes, ...), each at full size
+                weights = [0.5**head for head in range(logits.shape[1])]
+                loss = sum(w * self.loss(logits[:, h], y) for h, w in enumerate(weights)) / sum(weights)
+                logits = logits[:, 0]
+            else:
+                loss = self.loss(logits, y)
+            segmentation = loss
             if self.adversary is not None:
                 fooling, fake = self.adversary.generator_loss(x, logits)
                 loss = segmentation + self.adversary.weight * fooling
@@ -641,6 +647,14 @@ def _apply_plan(config: TrainConfig, draft: dict[str, Any], cases):
     )
     draft = copy.deepcopy(draft)
     kwargs = {**plan["kwargs"], **_dropout_kwargs("DynUNet", config.dropout)}
+    if config.deep_supervision:
+        upsamplings = len(kwargs["strides"]) - 1
+        if not 0 < config.deep_supervision < upsamplings:
+            raise ValueError(
+                f"deep_supervision {config.deep_supervision}: the planned DynUNet has {upsamplings} upsamplings, so "
+                f"at most {upsamplings - 1} extra outputs"
+            )
+        kwargs.update(deep_supervision=True, deep_supr_num=config.deep_supervision)
     draft["network"] = {"architecture": "DynUNet", "kwargs": kwargs}
     draft["preprocessing"]["spacing"] = plan["spacing"]
     draft["inference"]["roi_size"] = plan["patch_size"]
