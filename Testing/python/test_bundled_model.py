@@ -28,6 +28,21 @@ def test_bundled_weights_are_small_half_precision_and_documented(bundled_model_d
     )
 
 
+def segment_and_score(shared_data, cases, tmp_path, capsys, *options) -> tuple[dict[int, list[float]], list[str]]:
+    """Dice per label of ``medseg segment CASE *options`` on MSD hippocampus cases, and what each run printed."""
+    dice, printed = {1: [], 2: []}, []
+    for case in cases:
+        image = shared_data / "msd_hippocampus" / "imagesTr" / f"{case}.nii.gz"
+        label = shared_data / "msd_hippocampus" / "labelsTr" / f"{case}.nii.gz"
+        output = tmp_path / f"{case}_seg.nii.gz"
+        assert main(["segment", str(image), "-o", str(output), "--device", "cpu", *options]) == 0
+        printed.append(capsys.readouterr().out)
+        reference = sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkUInt8)
+        for value, metrics in evaluate_images(sitk.ReadImage(str(output)), reference, [1, 2]).items():
+            dice[value].append(metrics.dice)
+    return dice, printed
+
+
 def test_medseg_segment_reproduces_the_card_dice_on_every_validation_case(
     shared_data, bundled_model_dir, tmp_path, capsys
 ):
@@ -35,16 +50,7 @@ def test_medseg_segment_reproduces_the_card_dice_on_every_validation_case(
     validation = card["training"]["validation"]
     cases = card["training"]["split"]["validation"]
     assert len(cases) == validation["cases"] == 48
-    dice = {1: [], 2: []}
-    for case in cases:
-        image = shared_data / "msd_hippocampus" / "imagesTr" / f"{case}.nii.gz"
-        label = shared_data / "msd_hippocampus" / "labelsTr" / f"{case}.nii.gz"
-        output = tmp_path / f"{case}_seg.nii.gz"
-        assert main(["segment", str(image), "-o", str(output), "--device", "cpu", "--quiet"]) == 0
-        reference = sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkUInt8)
-        for value, metrics in evaluate_images(sitk.ReadImage(str(output)), reference, [1, 2]).items():
-            dice[value].append(metrics.dice)
-    capsys.readouterr()
+    dice, _ = segment_and_score(shared_data, cases, tmp_path, capsys, "--quiet")
     names = {1: "Anterior hippocampus", 2: "Posterior hippocampus"}
     for value, scores in dice.items():
         mean = float(np.mean(scores))
@@ -63,16 +69,8 @@ def test_test_time_mirroring_keeps_the_bundled_models_dice(shared_data, bundled_
     augmentation = card["training"].get("augmentation") or card["training"]["config"]["augmentation"]
     assert card["inference"]["mirror_axes"] == [0] == augmentation["flip_axes"]
     cases = card["training"]["split"]["validation"][:12]
-    mirrored = {1: [], 2: []}
-    for case in cases:
-        image = shared_data / "msd_hippocampus" / "imagesTr" / f"{case}.nii.gz"
-        label = shared_data / "msd_hippocampus" / "labelsTr" / f"{case}.nii.gz"
-        output = tmp_path / f"{case}_seg.nii.gz"
-        assert main(["segment", str(image), "-o", str(output), "--device", "cpu", "--tta"]) == 0
-        assert "windows, mirrored along x)" in capsys.readouterr().out
-        reference = sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkUInt8)
-        for value, metrics in evaluate_images(sitk.ReadImage(str(output)), reference, [1, 2]).items():
-            mirrored[value].append(metrics.dice)
+    mirrored, printed = segment_and_score(shared_data, cases, tmp_path, capsys, "--tta")
+    assert all("windows, mirrored along x)" in out for out in printed)
     for value, scores in mirrored.items():
         plain = np.mean([card["training"]["validation"]["per_case"][case][str(value)] for case in cases])
         assert np.mean(scores) > plain - 0.01, (value, np.mean(scores), plain)  # 48 cases: +0.003 each label
