@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks of the inference issue (issue 6), as one script for a device lease. Never run on a GPU yet: the
-# first session with one runs it (STEPS lets it split the work over two calls).
+# The GPU checks of the inference issue (issue 6), as one script for a device lease.
 #
 # Here, once, fetch the Python 3.12 wheels the device image lacks (about 56 MB; .whl/ is git-ignored):
 #   bash benchmarks/device_check.sh --download
 # Then, with the device tool:
-#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
-# Every result lands in $OUT: nvidia-smi.txt, smoke.json (the bundled sample on the GPU against the CPU) and one
-# JSON-lines file per benchmark (benchmarks/inference.py's rows: per-variant figures, then the summaries).
-# STEPS="smoke unet" runs only those steps (smoke unet segresnet dynunet dynunet-long; all by default, about
-# 7 minutes at most by their time limits). QUICK=1 DEVICE=cpu runs the same steps on small inputs, to check the
-# script itself on a machine without a GPU (85 s here).
+#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=480)
+# Three files land in $OUT (the device tool brings back at most 8): results.jsonl (one line per row: the smoke check
+# of the bundled sample on the GPU against the CPU, benchmarks/inference.py's rows and summaries, each tagged with
+# its step, and how each step ended), stderr.log, and nvidia-smi.txt.
+# Steps, most important first: smoke unet dynunet segresnet unet-e2e dynunet-long (all by default; at most about
+# 9 minutes by their time limits). The network-part steps use a synthetic CT on the untrained models' own grid
+# (1.5 x 1.5 x 2 mm), so the network runs on the volume the issue's table names; the end-to-end and memory steps
+# use a 0.8 x 0.8 x 1.5 mm CT that is resampled. STEPS="smoke unet" runs only those. QUICK=1 DEVICE=cpu runs the
+# same steps on small inputs, to check the script itself on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="monai==1.6.1 SimpleITK==2.5.7 PyMaxflow==1.3.2 nibabel==5.4.2"
@@ -31,7 +33,10 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/MedSegExtension${PYTHONPATH:+:$PYTHONPATH}"
-export MEDSEG_CACHE_DIR="$OUT/cache"
+SCRATCH=$(mktemp -d)
+export MEDSEG_CACHE_DIR="$SCRATCH/cache"
+RESULTS="$OUT/results.jsonl"
+LOG="$OUT/stderr.log"
 echo "results in $OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-smi.txt"
 
@@ -41,18 +46,20 @@ else
     CT=(512 512 320); LARGE=(512 512 1000); MID=(272 272 224); ROI=(96 96 96); BIG_ROI=(128 128 128); REPEATS=3
 fi
 
-STEPS=${STEPS:-smoke unet segresnet dynunet dynunet-long}
+STEPS=${STEPS:-smoke unet dynunet segresnet unet-e2e dynunet-long}
 step() {  # name, seconds, command...: run with a time limit, keep going whatever happens, log how it ended
     local name=$1 limit=$2
     shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"
-    echo "{\"step\": \"$name\", \"exit\": $?, \"seconds\": $((SECONDS - start))}" | tee -a "$OUT/steps.jsonl"
+    echo "=== $name" >> "$LOG"
+    timeout "$limit" "$@" 2>> "$LOG" | sed -u "s/^{/{\"step\": \"$name\", /" | tee -a "$RESULTS"
+    local code=${PIPESTATUS[0]}
+    echo "{\"step\": \"$name\", \"exit\": $code, \"seconds\": $((SECONDS - start))}" | tee -a "$RESULTS"
 }
 
 # 1. The engine on the GPU: the bundled model on the bundled sample, labels against the CPU's.
-step smoke 60 "$PYTHON" - "$DEVICE" "$OUT" <<'EOF'
+step smoke 60 "$PYTHON" - "$DEVICE" "$SCRATCH" <<'PY'
 import json, sys, time
 import numpy as np, SimpleITK as sitk, torch
 from medseg.segmenter import Segmenter
@@ -65,26 +72,29 @@ for name in dict.fromkeys([device, "cpu"]):
     start = time.perf_counter()
     result = segmenter.segment_files([sample], f"{out}/smoke-{name}.nii.gz")
     row[name] = {"seconds": round(time.perf_counter() - start, 3), "precision": result.inference.precision,
-                 "backend": result.inference.backend, "ml": [round(s.volume_ml, 3) for s in result.statistics]}
+                 "backend": result.inference.backend, "window_batch": result.inference.window_batch,
+                 "ml": [round(s.volume_ml, 3) for s in result.statistics], "notes": result.inference.notes}
     labels[name] = sitk.GetArrayFromImage(sitk.ReadImage(f"{out}/smoke-{name}.nii.gz"))
 row["agreement_with_cpu"] = float(np.mean(labels[device] == labels["cpu"]))
 print(json.dumps(row))
-EOF
-cp "$OUT/smoke.jsonl" "$OUT/smoke.json" 2>/dev/null
+PY
 
 bench() {  # name, seconds, benchmark arguments...
     local name=$1 limit=$2
     shift 2
     step "$name" "$limit" "$PYTHON" benchmarks/inference.py --device "$DEVICE" --repeats "$REPEATS" "$@"
 }
-# 2. The issue's three models: network part against plain MONAI; the U-Net also end to end against the tutorial.
-bench unet 150 --model unet --classes 2 --shape "${CT[@]}" --roi "${ROI[@]}" \
-    --variants monai tutorial model medseg medseg-fp32 medseg-bf16
-bench segresnet 70 --model segresnet --classes 2 --shape "${CT[@]}" --roi "${ROI[@]}" \
+GRID=(--spacing 1.5 1.5 2)  # the untrained models' grid: the network runs on the volume as it is
+# 2. The issue's three models, network part against plain MONAI on the same GPU.
+bench unet 90 --model unet --classes 2 --shape "${CT[@]}" "${GRID[@]}" --roi "${ROI[@]}" --network-only \
+    --variants monai medseg medseg-fp32 medseg-bf16
+bench dynunet 80 --model dynunet --classes 105 --shape "${MID[@]}" "${GRID[@]}" --roi "${BIG_ROI[@]}" \
+    --network-only --variants monai medseg medseg-fp32
+bench segresnet 80 --model segresnet --classes 2 --shape "${CT[@]}" "${GRID[@]}" --roi "${ROI[@]}" --network-only \
     --variants monai medseg medseg-fp32
-bench dynunet 70 --model dynunet --classes 105 --shape "${MID[@]}" --roi "${BIG_ROI[@]}" \
-    --variants monai medseg medseg-fp32
-# 3. Memory: the 105-class model on a long CT (the target is 7 GB of GPU memory); MedSeg alone, one run.
-REPEATS=1 bench dynunet-long 100 --model dynunet --classes 105 --shape "${LARGE[@]}" --roi "${BIG_ROI[@]}" \
+# 3. End to end, file in and file out, against the tutorial-style pipeline on a CT that is resampled.
+REPEATS=1 bench unet-e2e 110 --model unet --classes 2 --shape "${CT[@]}" --roi "${ROI[@]}" --variants tutorial medseg
+# 4. Memory: the 105-class model on a long CT resampled to 1.5 mm (the target is 7 GB of GPU memory); MedSeg alone.
+REPEATS=1 bench dynunet-long 120 --model dynunet --classes 105 --shape "${LARGE[@]}" --roi "${BIG_ROI[@]}" \
     --variants medseg
 echo "done; results in $OUT"

@@ -149,7 +149,7 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         "--window-batch",
         type=int,
         metavar="N",
-        help="windows per network call (default: 2 on the CPU, from free memory on a GPU)",
+        help="windows per network call (default: 2 on the CPU; on a GPU, planned within its memory budget)",
     )
     group.add_argument(
         "--backend",

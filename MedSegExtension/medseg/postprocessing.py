@@ -108,11 +108,12 @@ def _axis_maps(record: PreprocessRecord) -> list[tuple[int, float, float]] | Non
     return maps
 
 
-def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, device) -> np.ndarray:
+def restore_argmax_on(probabilities, record: PreprocessRecord, device) -> np.ndarray:
     """:func:`restore_argmax` computed with torch on ``device`` (a GPU: the K resamplings are the costly part).
 
-    One class at a time goes to the device, is interpolated axis by axis (the grids differ by a permutation,
-    flips and spacings only) and feeds a running maximum there; only the uint8 labels come back. Grids that are not
+    ``probabilities`` is a NumPy array or a tensor (already on the device when inference kept it there). One class
+    at a time goes to the device, is interpolated axis by axis (the grids differ by a permutation, flips and
+    spacings only) and feeds a running maximum there; only the uint8 labels come back. Grids that are not
     axis-aligned with each other fall back to :func:`restore_argmax`.
     """
     import torch
@@ -121,6 +122,8 @@ def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, devic
 
     maps = _axis_maps(record)
     if maps is None:
+        if isinstance(probabilities, torch.Tensor):
+            probabilities = probabilities.cpu().numpy()
         return restore_argmax(probabilities, record)
     resample = AxisAlignedResampler(
         maps, record.resampled_reference.GetSize(), record.cropped_reference.GetSize(), device
@@ -129,8 +132,12 @@ def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, devic
     with torch.inference_mode():
         for k, channel in enumerate(probabilities):
             fill = 1.0 if k == 0 else 0.0
-            channel = _uncrop_foreground(channel[None], record, [fill])[0]
-            values = resample(torch.from_numpy(np.ascontiguousarray(channel)).to(device).float(), fill)
+            if isinstance(channel, torch.Tensor):
+                channel = _uncrop_foreground_tensor(channel.to(device).float(), record, fill)
+            else:
+                channel = _uncrop_foreground(channel[None], record, [fill])[0]
+                channel = torch.from_numpy(np.ascontiguousarray(channel)).to(device).float()
+            values = resample(channel, fill)
             if best is None:
                 best, labels = values, torch.zeros(values.shape, dtype=torch.uint8, device=device)
                 continue
@@ -138,6 +145,18 @@ def restore_argmax_on(probabilities: np.ndarray, record: PreprocessRecord, devic
             labels.masked_fill_(better, k)
             best = torch.maximum(best, values)
     return _paste_roi(labels.cpu().numpy(), record, 0)
+
+
+def _uncrop_foreground_tensor(channel, record: PreprocessRecord, fill: float):
+    """:func:`_uncrop_foreground` of one (X, Y, Z) channel held as a tensor, on its device."""
+    import torch
+
+    box = record.foreground_box
+    if box is None:
+        return channel
+    full = torch.full(tuple(record.resampled_reference.GetSize()), fill, dtype=channel.dtype, device=channel.device)
+    full[tuple(slice(s, s + n) for s, n in zip(box.start, box.size))] = channel
+    return full
 
 
 def restore_label_array(labels: np.ndarray, record: PreprocessRecord) -> np.ndarray:

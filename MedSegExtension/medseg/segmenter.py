@@ -29,7 +29,6 @@ from .inference import (
     release_memory,
     select_device,
     sliding_window_probabilities,
-    top_two,
 )
 from .models.card import ModelCard
 from .models.folder import LoadedModel, load_model_folder
@@ -116,7 +115,10 @@ class Segmenter:
         )
 
     def _restore_labels(self, probabilities, record, report: InferenceReport):
-        """Labels on the input grid: on the GPU when inference ran there (K resamplings), else with SimpleITK."""
+        """Labels on the input grid: on the GPU when inference ran there (K resamplings), else with SimpleITK.
+
+        ``probabilities`` is a NumPy array, or a tensor on the GPU where inference kept it.
+        """
         if self.device.type == "cuda":
             try:
                 return restore_argmax_on(probabilities, record, self.device)
@@ -125,6 +127,8 @@ class Segmenter:
                 message = "GPU out of memory while mapping the result back to the input grid; doing it on the CPU"
                 logger.warning(message)
                 report.notes.append(message)
+        if isinstance(probabilities, torch.Tensor):
+            probabilities = probabilities.cpu().numpy()
         return restore_argmax(probabilities, record)
 
     def check_channels(self, images: Sequence[sitk.Image], paths: Sequence[str | Path] | None = None) -> None:
@@ -188,6 +192,11 @@ class Segmenter:
 
         start = time.perf_counter()
         report = InferenceReport()
+        maps = with_probabilities or refine is not None
+        # Labels straight from the blended logits, slab by slab, where they need no interpolation: a preview (nearest
+        # neighbour by design), or a network grid that is the input's up to axis order and flips (the same labels as
+        # interpolating the class maps, which then reproduces them voxel for voxel)
+        labels_only = not maps and (preview or not record.resampled)
         probabilities = sliding_window_probabilities(
             self.model.network,
             volume,
@@ -197,6 +206,8 @@ class Segmenter:
             options=self._preview_options() if preview else self.inference,
             out_dtype=np.float16 if self.card.num_classes * volume[0].size * 4 > LARGE_OUTPUT_BYTES else np.float32,
             report=report,
+            keep_on_device=not maps,  # only labels come back from the GPU, not K maps
+            labels_only=labels_only,
         )
         del volume
         release_memory()
@@ -205,11 +216,11 @@ class Segmenter:
         start = time.perf_counter()
         control.report("postprocessing", 0.0)
         restored = None
-        if with_probabilities or refine is not None:
+        if maps:
             restored = restore_probabilities(probabilities, record)
             labels = restored.argmax(0).astype(np.uint8)
-        elif preview:  # labels on the network grid, nearest neighbour to the input's
-            network_labels = top_two(torch.from_numpy(probabilities), 0)[0].numpy()
+        elif labels_only:  # labels on the network grid, nearest neighbour to the input's
+            network_labels = probabilities.cpu().numpy() if isinstance(probabilities, torch.Tensor) else probabilities
             labels = restore_label_array(network_labels, record)
         else:  # one class at a time: the input-grid memory is one channel, its running maximum and the labels
             labels = self._restore_labels(probabilities, record, report)

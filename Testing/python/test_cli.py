@@ -329,7 +329,8 @@ def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
     env["PYTHON"] = sys.executable
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [(s["step"], s["exit"]) for s in steps] == [("smoke", 0)]
-    smoke = json.loads((tmp_path / "smoke.json").read_text(encoding="utf-8"))
-    assert smoke["agreement_with_cpu"] == 1.0 and smoke["cpu"]["ml"] == [2.246, 1.84]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["step"], r["exit"]) for r in rows if "exit" in r] == [("smoke", 0)]
+    (smoke,) = [r for r in rows if "exit" not in r]
+    assert smoke["step"] == "smoke" and smoke["agreement_with_cpu"] == 1.0 and smoke["cpu"]["ml"] == [2.246, 1.84]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia-smi.txt", "results.jsonl", "stderr.log"]

@@ -17,8 +17,7 @@ from medseg.inference import (
     count_windows,
     select_device,
     sliding_window_probabilities,
-    top_two,
-    window_batch_from_memory,
+    window_batch_for,
     window_starts,
 )
 from medseg.models.card import InferenceSettings
@@ -208,7 +207,7 @@ def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(monkeypatch, caplo
             self.fake_device = "cuda"
             self.batches = []
 
-        def to(self, device):
+        def to(self, device, **kwargs):
             self.fake_device = torch.device(device).type
             return self
 
@@ -240,11 +239,26 @@ def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(monkeypatch, caplo
     np.testing.assert_allclose(out[0], torch.sigmoid(torch.tensor(2.0)).item(), atol=1e-5)
 
 
-def test_window_batch_from_free_memory():
-    assert window_batch_from_memory(10 * 2**30, 2**30, windows=100) == 8  # 80 % of 10 GiB / 1 GiB
-    assert window_batch_from_memory(10 * 2**30, 2**30, windows=3) == 3  # never more than there are windows
-    assert window_batch_from_memory(2**29, 2**30, windows=50) == 1  # at least one
-    assert window_batch_from_memory(2**40, 2**20, windows=1000) == inference.MAX_GPU_WINDOW_BATCH
+def test_window_batch_fits_the_windows_and_the_slab_in_the_memory():
+    def no_slab(batch):
+        return 0
+
+    assert window_batch_for(8 * 2**30, 2**30, no_slab, windows=100) == 8  # 8 GiB / 1 GiB a window
+    assert window_batch_for(8 * 2**30, 2**30, no_slab, windows=3) == 3  # never more than there are windows
+    assert window_batch_for(2**29, 2**30, no_slab, windows=50) == 1  # at least one
+    assert window_batch_for(2**40, 2**20, no_slab, windows=1000) == inference.MAX_GPU_WINDOW_BATCH
+    # a slab that deepens with the batch: 2 GiB up to a batch of 4, then 4 GiB
+    assert window_batch_for(8 * 2**30, 2**29, lambda b: 2**31 if b <= 4 else 2**32, windows=100) == 8
+    assert window_batch_for(5 * 2**30, 2**29, lambda b: 2**31 if b <= 4 else 2**32, windows=100) == 4
+
+
+def test_slab_depth_grows_with_the_positions_a_batch_spans():
+    roi = (16, 16, 16)
+    starts = sorted(window_starts((40, 32, 64), roi, 0.5), key=lambda s: (s[2], s))  # 4 x 3 windows per z position
+    assert inference.slab_depth(starts, 1, roi, 2, 64) == 16
+    assert inference.slab_depth(starts, 12, roi, 2, 64) == 16  # one z position per batch
+    assert inference.slab_depth(starts, 13, roi, 2, 64) == 16 + 8  # two: one step deeper
+    assert inference.slab_depth(starts, 100, roi, 2, 64) == 64  # never deeper than the volume
 
 
 def test_options_are_checked():
@@ -256,10 +270,14 @@ def test_options_are_checked():
         InferenceOptions(mirror_axes=(0, 3))
 
 
-def test_top_two_matches_torch_on_ties_and_many_classes():
+@pytest.mark.parametrize("way", ["top_two", "_top_two_running", "_top_two_reduced"])
+@pytest.mark.parametrize("classes", [7, 300])
+def test_top_two_matches_torch_on_ties_and_many_classes(way, classes):
+    """The CPU's running pass and the GPU's reductions (run here on the CPU) give argmax's index and the margin."""
     rng = np.random.default_rng(0)
-    logits = torch.from_numpy(rng.integers(0, 4, size=(2, 7, 5, 6, 3)).astype(np.float32))  # many ties
-    index, margin = top_two(logits, 1)
+    logits = torch.from_numpy(rng.integers(0, 4, size=(2, classes, 5, 6, 3)).astype(np.float32))  # many ties
+    index, margin = getattr(inference, way)(logits, 1)
+    assert index.dtype == (torch.uint8 if classes < 256 else torch.int64)
     assert torch.equal(index.long(), logits.argmax(1))
     top = torch.topk(logits, 2, dim=1).values
     assert torch.equal(margin, top[:, 0] - top[:, 1])
@@ -372,24 +390,97 @@ def test_mirroring_averages_the_flipped_windows():
     assert counting.windows == 4 * count_windows(volume.shape[1:], (16, 16, 16), 0.5)
 
 
-def test_gpu_window_batch_comes_from_a_probe_and_the_free_memory(monkeypatch):
-    """The GPU's batch choice, run on the CPU with CUDA's memory queries answered by a fake 80 GiB card."""
+def _fake_gpu_memory(monkeypatch, *, held_gib, window_gib, free_gib):
+    """CUDA's memory queries answered by a fake card: the process holds ``held_gib``, a window takes ``window_gib``."""
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * 2**30)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30 + 2**30)  # 1 GiB a window
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(held_gib * 2**30))
+    peak = int((held_gib + window_gib) * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
+
+
+def test_gpu_window_batch_comes_from_a_probe_within_the_budget_and_the_free_memory(monkeypatch):
+    """The GPU's plan, run on the CPU: a one-window probe, then the batch, slab and result within the budget."""
     counting = Counting(Doubling())
     runner = inference._Runner(counting, CPU, None, ())
-    batch = inference._choose_window_batch(runner, torch.zeros(1, 1, 8, 8, 8), torch.device("cuda"), 100)
-    assert batch == 8 and counting.windows == 1  # one probe window, then 80 % of the free 10 GiB
-    assert inference._choose_window_batch(runner, torch.zeros(1, 1, 8, 8, 8), CPU, 100) == inference.CPU_WINDOW_BATCH
+    roi, shape = (8, 8, 8), (64, 64, 64)
+    starts = sorted(window_starts(shape, roi, 0.0), key=lambda s: (s[2], s))
+    one = torch.zeros(1, 1, 8, 8, 8)
+
+    def plan(options, **memory):
+        _fake_gpu_memory(monkeypatch, **memory)
+        return inference._plan_gpu_memory(runner, one, torch.device("cuda"), starts, roi, 2, shape, options)
+
+    # the 6 GiB default budget less the 1 GiB the process holds; the slab of 64 x 64 x 8 voxels is small
+    default = plan(InferenceOptions(), held_gib=1, window_gib=1, free_gib=70)
+    assert default.batch == 4 and default.classes == 2 and counting.windows == 1
+    assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=70).batch == 10
+    assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=4).batch == 3  # 90 % free
+    # the result stays on the device in float32 when it fits beside the working set, else float16, else the host
+    roomy = plan(InferenceOptions(), held_gib=1, window_gib=2**-10, free_gib=70)
+    assert roomy.output_dtype(roomy.batch, np.float32) == np.float32
+    roomy.voxels = 3 * 2**28  # 2 classes: 6 GiB in float32, 3 GiB in float16, of 5 GiB available
+    assert roomy.output_dtype(roomy.batch, np.float32) == np.float16
+    roomy.voxels = 2**31
+    assert roomy.output_dtype(roomy.batch, np.float32) is None
+    assert inference._plan_gpu_memory(runner, one, CPU, starts, roi, 2, shape, InferenceOptions()) is None
+    with pytest.raises(ValueError, match="gpu_memory_gib"):
+        InferenceOptions(gpu_memory_gib=0)
 
 
-@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
-def test_gpu_low_precision_is_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert inference.low_precision_for(torch.device("cuda")) == expected
+def test_gpu_low_precision_is_fp16():
+    assert inference.low_precision_for(torch.device("cuda")) == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_result_kept_on_the_device_matches_the_host_one(monkeypatch, dtype):
+    """The GPU's device-resident result (accumulated in place in float32, or through the slab in float16), on the
+    CPU: the plan is forced as a GPU would make it."""
+    volume = np.random.default_rng(5).normal(size=(1, 30, 26, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    host = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
+    assert isinstance(
+        sliding_window_probabilities(small_unet(), volume, settings, device=CPU, keep_on_device=True), np.ndarray
+    )  # the CPU never keeps a tensor
+
+    def plan(runner, one, device, starts, roi, axis, shape, options):
+        return inference._GpuPlan(2, 2**40, 0, 3, int(np.prod(shape)), lambda batch: 0)
+
+    monkeypatch.setattr(inference, "_plan_gpu_memory", plan)
+    kept = sliding_window_probabilities(
+        small_unet(), volume, settings, device=CPU, options=FP32, keep_on_device=True, out_dtype=dtype
+    )
+    assert isinstance(kept, torch.Tensor) and kept.dtype == torch.from_numpy(np.zeros(0, dtype)).dtype
+    assert kept.shape == host.shape
+    np.testing.assert_allclose(kept.float().numpy(), host, atol=1e-6 if dtype == np.float32 else 1e-3)
+
+
+class Overflowing(torch.nn.Module):
+    """Logits beyond float16's range (65504) in a bright spot: float16 autocast turns them into inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([-1e5, 1e5]).reshape(2, 1, 1, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_float16_overflow_sends_the_run_to_float32():
+    volume = np.zeros((1, 24, 24, 24), np.float32)
+    volume[0, 10:14, 10:14, 10:14] = 1.0
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.5, blend_mode="gaussian")
+    exact = sliding_window_probabilities(Overflowing(), volume, settings, device=CPU, options=FP32)
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        Overflowing(), volume, settings, device=CPU, options=InferenceOptions("fp16", backend="torch"), report=report
+    )
+    assert report.precision == "fp32" and "overflowed" in report.notes[-1]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, exact, atol=1e-6)
 
 
 def test_half_precision_output_matches_float32():
@@ -419,3 +510,36 @@ def test_mirroring_is_bounded_by_the_axes_the_card_allows():
         sliding_window_probabilities(PositionRamp(), volume, none, device=CPU, options=model_axes)
     with pytest.raises(ValueError, match="'model'"):
         InferenceOptions(mirror_axes="all")
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
+def test_a_rejected_trial_halves_a_memory_planned_batch(monkeypatch):
+    """A batch planned on low-precision activations (the GPU's plan, forced here on the CPU) is halved when the
+    trial sends the run to float32, whose activations are twice as large; the result is float32's."""
+    volume = np.random.default_rng(6).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    exact = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
+    monkeypatch.setattr(
+        inference,
+        "_plan_gpu_memory",
+        lambda runner, one, device, starts, roi, axis, shape, options: inference._GpuPlan(
+            4, 2**40, 0, 3, int(np.prod(shape)), lambda batch: 0
+        ),
+    )
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        small_unet(), volume, settings, device=CPU, options=InferenceOptions(backend="torch"), report=report
+    )
+    assert report.precision == "fp32" and "running in float32" in report.notes[0]  # an untrained net: near ties
+    assert report.window_batch == 2
+    np.testing.assert_allclose(out, exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(30, 26, 40), (12, 20, 9)], ids=["windows", "padded"])
+def test_labels_streamed_slab_by_slab_are_the_argmax_of_the_probabilities(shape):
+    volume = np.random.default_rng(7).normal(size=(1, *shape)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    probabilities = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
+    labels = inference.sliding_window_labels(small_unet(), volume, settings, device=CPU, options=FP32)
+    assert isinstance(labels, np.ndarray) and labels.dtype == np.uint8 and labels.shape == shape
+    np.testing.assert_array_equal(labels, probabilities.argmax(0))

@@ -215,23 +215,32 @@ def test_restored_argmax_equals_the_argmax_of_restored_probabilities(tmp_path, b
 
 @pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
 @pytest.mark.parametrize(
-    ("orientation", "spacing", "roi"),
-    [("RAS", (1.3, 0.9, 2.0), None), ("LPS", None, IndexBox((2, 3, 1), (15, 18, 12))), ("RAS", (1.0, 1.0, 1.0), None)],
+    ("orientation", "spacing", "roi", "crop"),
+    [
+        ("RAS", (1.3, 0.9, 2.0), None, "none"),
+        ("LPS", None, IndexBox((2, 3, 1), (15, 18, 12)), "none"),
+        ("RAS", (1.0, 1.0, 1.0), None, "none"),
+        ("RAS", (1.3, 0.9, 2.0), None, "foreground"),
+    ],
 )
-def test_the_device_restore_gives_the_simpleitk_labels(blob_image, direction, orientation, spacing, roi):
-    """The GPU's way of mapping labels back (torch, axis by axis), run here on the CPU, against SimpleITK's."""
+def test_the_device_restore_gives_the_simpleitk_labels(blob_image, direction, orientation, spacing, roi, crop):
+    """The GPU's way of mapping labels back (torch, axis by axis), run here on the CPU, against SimpleITK's; from
+    an array, and from a tensor as inference keeps the result on a GPU."""
     import torch
     from medseg.models.card import Preprocessing
     from medseg.postprocessing import restore_argmax, restore_argmax_on
     from medseg.preprocessing import preprocess
 
     image = with_direction(blob_image, direction)
-    _, record = preprocess([image], Preprocessing(orientation=orientation, spacing=spacing), roi=roi)
+    _, record = preprocess([image], Preprocessing(orientation=orientation, spacing=spacing, crop=crop), roi=roi)
+    assert (record.foreground_box is not None) == (crop == "foreground")
     size = record.network_reference.GetSize()
     probabilities = np.random.default_rng(0).dirichlet([1.0] * 3, size=size).transpose(3, 0, 1, 2)
     probabilities = probabilities.astype(np.float32)
+    expected = restore_argmax(probabilities, record)
+    np.testing.assert_array_equal(restore_argmax_on(probabilities, record, torch.device("cpu")), expected)
     np.testing.assert_array_equal(
-        restore_argmax_on(probabilities, record, torch.device("cpu")), restore_argmax(probabilities, record)
+        restore_argmax_on(torch.from_numpy(probabilities), record, torch.device("cpu")), expected
     )
 
 
