@@ -512,7 +512,10 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     axis = _slab_axis(padded_shape)
     starts.sort(key=lambda s: (s[axis], s))
     cuda = device.type == "cuda"
-    network.to(device, memory_format=torch.channels_last_3d) if cuda else network.to(device)
+    if cuda:  # channels-last weights for the channels-last windows (see _Runner)
+        network.to(device, memory_format=torch.channels_last_3d)
+    else:
+        network.to(device)
     network.eval()
 
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
