@@ -289,6 +289,11 @@ def _index_dtype(classes: int) -> torch.dtype:
     return torch.uint8 if classes < 256 else torch.int64
 
 
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a NumPy dtype."""
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
 def _top_two_running(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     classes = logits.unbind(dim)
     best = classes[0].clone()
@@ -735,7 +740,7 @@ class _SlabStream:
         if isinstance(self.out, torch.Tensor):
             self.out[target] = probabilities
             return
-        dtype = torch.from_numpy(np.zeros(0, self.out_dtype)).dtype
+        dtype = _torch_dtype(self.out_dtype)
         cuda = probabilities.device.type == "cuda"
         host = torch.empty(probabilities.shape, dtype=dtype, pin_memory=cuda)
         host.copy_(probabilities.to(dtype), non_blocking=cuda)
@@ -759,11 +764,11 @@ class _SlabStream:
         slab[self.axis] = self.depth
         if self.labels_only:  # labels on the windows' device (small); logits always in a slab
             if self.out is None:
-                dtype = torch.uint8 if classes < 256 else torch.int64
+                dtype = _index_dtype(classes)
                 self.out = torch.empty(self.shape, dtype=dtype, device=logits.device)
             in_place = False
         elif self.on_device is not None:  # the result stays on the windows' device
-            dtype = torch.from_numpy(np.zeros(0, self.on_device)).dtype
+            dtype = _torch_dtype(self.on_device)
             if self.out is None:
                 self.out = torch.empty((classes, *self.shape), dtype=dtype, device=logits.device)
             in_place = dtype == torch.float32
