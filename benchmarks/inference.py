@@ -28,10 +28,10 @@ Variants, each in its own child process (so ``peak_rss_MiB`` / ``peak_gpu_MiB`` 
 
 ``peak_rss_MiB`` is the resident high-water mark above what the child held once torch, MONAI and MedSeg were
 imported; for MedSeg it is that of the file-in, file-out runs alone (the high-water mark is reset after the network
-part, whose own is ``network_part_peak_rss_MiB``). The summary gives, per MedSeg variant, ``speedup_vs_monai``
-(network part),
-``end_to_end_speedup_vs_tutorial``, ``agreement`` (fraction of voxels with the same label: network part vs plain
-MONAI, and labelmap vs the tutorial pipeline's), and the memory check ``peak_rss_MiB <= 4 x input float32 + model``.
+part, whose own is ``network_part_peak_rss_MiB``). Each MedSeg variant's row is followed at once by its summary
+(so a run cut short keeps what it measured): ``speedup_vs_monai`` (network part), ``end_to_end_speedup_vs_tutorial``,
+``agreement`` (fraction of voxels with the same label: network part vs plain MONAI, and labelmap vs the tutorial
+pipeline's), and the memory check ``peak_rss_MiB <= 4 x input float32 + model``.
 
 ``--model`` is the bundled model (or any installed model id); an untrained architecture by name (``unet``: the
 4.8 M-parameter MONAI U-Net; ``segresnet``; ``dynunet``) with ``--classes``; or ``unet-ct``, the same U-Net fitted
@@ -544,8 +544,8 @@ def main() -> None:
                 continue
             rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
             print(json.dumps(rows[variant]), flush=True)
-        for variant in [v for v in rows if v.startswith("medseg")]:
-            print(json.dumps(summary(variant, rows, work, input_mib)))
+            if variant.startswith("medseg"):  # at once, so a run cut short keeps the ratios of what it measured
+                print(json.dumps(summary(variant, rows, work, input_mib)), flush=True)
 
 
 def summary(variant: str, rows: dict, work: Path, input_mib: float) -> dict:

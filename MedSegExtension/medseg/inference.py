@@ -10,8 +10,9 @@ plain MONAI's to rounding. What differs is how the work is done:
 * **Window batches** that keep oneDNN on its fast path on the CPU (PyTorch runs a single 3D window through a much
   slower im2col convolution), and on a GPU a batch chosen after a one-window probe so that the batch, the blending
   slab and a result kept on the device fit the free memory and the run's budget (``gpu_memory_gib``, default
-  :data:`DEFAULT_GPU_MEMORY_GIB`). On a GPU the windows run channels-last with cuDNN's autotuned convolutions,
-  and float16 windows are checked for overflow (a run that overflows is redone in float32).
+  :data:`DEFAULT_GPU_MEMORY_GIB`). On a GPU the windows run with cuDNN's autotuned convolutions in the
+  networks' own layout (NCDHW: channels-last was slower on an H200, for both U-Net and DynUNet, whose instance
+  norms dominate), and float16 windows are checked for overflow (a run that overflows is redone in float32).
 * **Precision.** ``fp32``, ``bf16`` or ``fp16`` autocast, or ``auto``: the low precision the device runs fast
   (bf16 on CPUs with AMX/AVX-512-BF16, fp16 on GPUs), *checked against float32*. The window batch nearest the
   centre (on a GPU, its first :data:`GPU_TRIAL_WINDOWS` windows) runs in both precisions (a whole batch keeps its
@@ -363,11 +364,10 @@ def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options) -> 
     """On a GPU, probe one window's memory and plan the batch within the memory budget; None on the CPU."""
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    classes = int(runner(one).shape[1])
-    per_window = torch.cuda.max_memory_allocated(device) - before
+    logits, per_window = _peak_bytes(device, lambda: runner(one))
+    classes = int(logits.shape[1])
+    del logits
     free, _ = torch.cuda.mem_get_info(device)
     limit = (options.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * 2**30
     available = int(min(free * 0.9, limit - before))
@@ -381,6 +381,17 @@ def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options) -> 
     return _GpuPlan(batch, available, per_window, classes, math.prod(shape), slab_bytes)
 
 
+def _peak_bytes(device: torch.device, function):
+    """``function()``, and the most device memory it held at once beyond what was allocated before (0 on the CPU)."""
+    if device.type != "cuda":
+        return function(), 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = function()
+    return result, torch.cuda.max_memory_allocated(device) - before
+
+
 # ---------------------------------------------------------------------------------------------------- running
 
 
@@ -391,8 +402,6 @@ class _Runner:
         self.network = network
         self.device = device
         self.dtype = dtype
-        #: on a GPU, windows go in channels-last (cuDNN's tensor-core convolutions read NDHWC without transposing)
-        self.layout = torch.channels_last_3d if device.type == "cuda" else None
         self.flips = [
             tuple(2 + a for a in combo)
             for r in range(len(mirror_axes) + 1)
@@ -401,8 +410,6 @@ class _Runner:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """The batch's logits; in the autocast dtype without mirroring (blending adds them into float32)."""
-        if self.layout is not None:
-            batch = batch.contiguous(memory_format=self.layout)
         with _autocast(self.device, self.dtype):
             if len(self.flips) == 1:
                 return self.network(batch)
@@ -517,11 +524,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     axis = _slab_axis(padded_shape)
     starts.sort(key=lambda s: (s[axis], s))
     cuda = device.type == "cuda"
-    if cuda:  # channels-last weights for the channels-last windows (see _Runner)
-        network.to(device, memory_format=torch.channels_last_3d)
-    else:
-        network.to(device)
-    network.eval()
+    network.to(device).eval()
 
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     if any(a or b for a, b in pads):
@@ -567,7 +570,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         elif options.precision == "auto" and low is not None:
             group = _central_group(groups, padded_shape, roi)
             trial = groups[group][:trial_size]
-            calibration, reference = _calibrate(stacked(trial), fp32, runner)
+            (calibration, reference), trial_bytes = _peak_bytes(
+                device, lambda: _calibrate(stacked(trial), fp32, runner)
+            )
             if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
                 known[group] = reference
             del reference
@@ -581,10 +586,13 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                     f"batch (budget {DISAGREEMENT_BUDGET:.3%}); running in float32",
                 )
                 runner, report.precision, calibration = whole_fp32(), "fp32", None
-                if plan is not None and batch > 1:  # the batch was sized on low-precision activations: halve it
-                    batch = report.window_batch = batch // 2
-                    groups = list(_batches(starts, batch))
-                    known.clear()  # its index was the old grouping's
+                if plan is not None:  # the batch was planned on low-precision activations: plan it on float32's
+                    plan.per_window = max(plan.per_window, trial_bytes // len(trial))
+                    replanned = window_batch_for(plan.available, plan.per_window, plan.slab_bytes, len(starts))
+                    if replanned != batch:
+                        batch = report.window_batch = replanned
+                        groups = list(_batches(starts, batch))
+                        known.clear()  # its index was the old grouping's
         on_device = None
         if plan is not None and keep_on_device and not labels_only:
             on_device = plan.output_dtype(batch, np.dtype(out_dtype))

@@ -334,3 +334,28 @@ def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
     (smoke,) = [r for r in rows if "exit" not in r]
     assert smoke["step"] == "smoke" and smoke["agreement_with_cpu"] == 1.0 and smoke["cpu"]["ml"] == [2.246, 1.84]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia-smi.txt", "results.jsonl", "stderr.log"]
+
+
+def test_the_gpu_profile_script_runs_on_the_cpu():
+    """benchmarks/gpu_profile.py explains GPU ratios under a lease; on the CPU its parts run the same way, and
+    MedSeg's float32 labels are plain MONAI's."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_profile.py"
+    tiny = ["--device", "cpu", "--model", "dynunet", "--classes", "3", "--shape", "40", "40", "24", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, str(script), *tiny, "--roi", "32", "32", "32", "--parts", "window", "monai", "medseg"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    windows = [r for r in rows if r.get("part") == "window"]
+    assert {(r["dtype"], r["layout"], r["batch"]) for r in windows} == {
+        (d, lay, b) for d in ("float32", "float16") for lay in ("ncdhw", "channels_last") for b in (1, 2)
+    }
+    assert all(r["ms_per_window"] > 0 for r in windows)
+    medseg = {r["requested"]: r for r in rows if r.get("part") == "medseg"}
+    assert set(medseg) == {"fp32", "fp16", "auto"}
+    assert medseg["fp32"]["precision"] == "fp32" and medseg["fp32"]["agreement"] == 1.0
+    assert medseg["fp16"]["precision"] == "fp16" and medseg["fp16"]["agreement"] > 0.98

@@ -513,25 +513,30 @@ def test_mirroring_is_bounded_by_the_axes_the_card_allows():
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
-def test_a_rejected_trial_halves_a_memory_planned_batch(monkeypatch):
-    """A batch planned on low-precision activations (the GPU's plan, forced here on the CPU) is halved when the
-    trial sends the run to float32, whose activations are twice as large; the result is float32's."""
+def test_a_rejected_trial_replans_the_batch_on_float32_memory(monkeypatch):
+    """A batch planned on low-precision activations (the GPU's plan, forced here on the CPU) is planned again on
+    the memory the float32 trial measured when the trial sends the run to float32; the result is float32's."""
     volume = np.random.default_rng(6).normal(size=(1, 40, 40, 40)).astype(np.float32)
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
     exact = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
-    monkeypatch.setattr(
-        inference,
-        "_plan_gpu_memory",
-        lambda runner, one, device, starts, roi, axis, shape, options: inference._GpuPlan(
-            4, 2**40, 0, 3, int(np.prod(shape)), lambda batch: 0
-        ),
-    )
+    mib = 2**20
+    # the low-precision plan: a batch of 4 at 1 MiB a window, within 10 MiB
+    plan = inference._GpuPlan(4, 10 * mib, mib, 3, int(np.prod(volume.shape[1:])), lambda batch: 0)
+    monkeypatch.setattr(inference, "_plan_gpu_memory", lambda *args: plan)
+    measured = []
+
+    def peak_bytes(device, function):  # the trial's 4 float32 windows held 12 MiB: 3 MiB a window
+        measured.append(True)
+        return function(), 12 * mib
+
+    monkeypatch.setattr(inference, "_peak_bytes", peak_bytes)
     report = InferenceReport()
     out = sliding_window_probabilities(
         small_unet(), volume, settings, device=CPU, options=InferenceOptions(backend="torch"), report=report
     )
     assert report.precision == "fp32" and "running in float32" in report.notes[0]  # an untrained net: near ties
-    assert report.window_batch == 2
+    assert measured == [True] and plan.per_window == 3 * mib
+    assert report.window_batch == 3  # 10 MiB / 3 MiB a window
     np.testing.assert_allclose(out, exact, atol=1e-6)
 
 
