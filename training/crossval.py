@@ -1,13 +1,15 @@
 """k-fold cross-validation: train every fold of a config, and put the cross-validated Dice into the model card.
 
-    python -m training.crossval training/configs/hippocampus-nnunet.json [--folds 0 1] [--ship [--weights int8]]
+    python -m training.crossval training/configs/hippocampus-nnunet.json [--folds 0 1] [--tta] [--ship [--weights int8]]
 
 Fold i is trained into ``<output>-fold<i>`` (its run folder beside it), on the splits file every fold shares.
 A fold whose model folder already exists is not trained again, so an interrupted cross-validation continues
 where it stopped (and a fold interrupted mid-way resumes from its checkpoint). When every fold is done,
 ``<output>-cv.json`` gives each fold's validation Dice per label (each fold's held-out cases, segmented from
-files by the engine) and their mean over folds. ``--ship`` then copies the best fold's model folder to
-``output`` with the cross-validation summary in its card (``training.cross_validation``).
+files by the engine) and their mean over folds. ``--tta`` also scores every fold's held-out cases with the
+engine's test-time mirroring along the axes that fold's training flipped (``mirrored`` in the summary), so the card
+says what ``medseg segment --tta`` buys. ``--ship`` then copies the best fold's model folder to ``output`` with the
+cross-validation summary in its card (``training.cross_validation``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,38 @@ def summarise(config: TrainConfig) -> dict:
     }
 
 
+def flipped_axes(card: dict) -> list[int]:
+    """The axes a fold's training flipped: those its engine may mirror (folds trained before cards listed them)."""
+    return sorted(set(card["training"]["config"]["augmentation"]["flip_axes"]))
+
+
+def mirrored_summary(config: TrainConfig) -> dict:
+    """Each fold's held-out Dice per label with test-time mirroring along its flipped axes, and the mean over folds."""
+    cases = {case.case_id: case for case in read_dataset(config.dataset)[0]}
+    per_fold = []
+    for fold in range(config.folds):
+        source = Path(fold_config(config, fold).output)
+        card = json.loads((source / "model.json").read_text(encoding="utf-8"))
+        axes = flipped_axes(card)
+        if not axes:
+            raise ValueError(f"{source}: its training flipped no axis, so there is nothing to mirror (--tta)")
+        with tempfile.TemporaryDirectory(prefix="medseg-tta-") as tmp:
+            folder = Path(tmp) / source.name
+            shutil.copytree(source, folder)
+            card["inference"].setdefault("mirror_axes", axes)
+            (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+            held_out = card["training"]["split"]["validation"]
+            scored = evaluate_model_folder(folder, [cases[c] for c in held_out], mirror_axes="model")
+        per_fold.append({"fold": fold, "cases": scored["cases"], "mirror_axes": axes, "dice": scored["mean"]})
+        logger.info("fold %d mirrored along %s: %s", fold, axes, scored["mean"])
+    labels = list(per_fold[0]["dice"])
+    return {
+        "metric": "Dice as `mean`, each window averaged with its mirrorings (medseg segment --tta)",
+        "mean": {label: round(float(np.mean([f["dice"][label] for f in per_fold])), 4) for label in labels},
+        "per_fold": per_fold,
+    }
+
+
 def ship(config: TrainConfig, summary: dict, *, weights: str = "float") -> Path:
     """Copy the best fold's model folder to ``config.output``, its card carrying the cross-validation summary.
 
@@ -78,9 +113,7 @@ def ship(config: TrainConfig, summary: dict, *, weights: str = "float") -> Path:
         torch.save(quantized(state) if weights == "int8" else state, weights_path)
         card["weights"].update(sha256=sha256_of(weights_path), storage=weights)
         card["training"]["cross_validation"] = {**summary, "shipped_fold": best}
-        # folds trained before cards carried mirror axes: the axes that fold's own training flipped
-        flipped = card["training"]["config"]["augmentation"]["flip_axes"]
-        card["inference"].setdefault("mirror_axes", sorted(set(flipped)))
+        card["inference"].setdefault("mirror_axes", flipped_axes(card))
         if weights == "int8":
             card["format_version"] = 2  # an older MedSeg refuses the card by its version, not on the weights
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -104,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="a training config with folds >= 2")
     parser.add_argument("--folds", type=int, nargs="*", help="train only these folds (default: all)")
+    parser.add_argument(
+        "--tta", action="store_true", help="also score each fold's held-out cases with test-time mirroring"
+    )
     parser.add_argument("--ship", action="store_true", help="copy the best fold to the config's output with the CV")
     parser.add_argument(
         "--weights",
@@ -128,8 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     if not all((Path(fold_config(config, f).output) / "model.json").is_file() for f in range(config.folds)):
         return 0
     summary = summarise(config)
+    if args.tta:
+        summary["mirrored"] = mirrored_summary(config)
     Path(f"{config.output}-cv.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps({"cross_validated_dice": summary["mean"], "folds": config.folds}))
+    print(
+        json.dumps(
+            {
+                "cross_validated_dice": summary["mean"],
+                **({"with_tta": summary["mirrored"]["mean"]} if args.tta else {}),
+                "folds": config.folds,
+            }
+        )
+    )
     if args.ship:
         print(ship(config, summary, weights=args.weights))
     return 0

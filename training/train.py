@@ -799,11 +799,13 @@ def _write_model_folder(config: TrainConfig, draft: dict[str, Any], run: Trainin
     return output
 
 
-def evaluate_model_folder(folder: Path, cases) -> dict[str, Any]:
-    """Segment each case from its files with the engine (CPU) and score it on the original grid."""
+def evaluate_model_folder(folder: Path, cases, *, mirror_axes=()) -> dict[str, Any]:
+    """Segment each case from its files with the engine (CPU) and score it on the original grid; ``mirror_axes``
+    as the engine's test-time mirroring (``--tta``: ``"model"`` for the axes the card lists)."""
+    from medseg.inference import InferenceOptions
     from medseg.segmenter import Segmenter
 
-    segmenter = Segmenter(folder, device="cpu")
+    segmenter = Segmenter(folder, device="cpu", inference=InferenceOptions(mirror_axes=mirror_axes))
     card = segmenter.card
     values = [label.value for label in card.labels]
     per_case = {}

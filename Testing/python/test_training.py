@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import card_dict, cpu_has_fast_bf16
+from medseg.inference import InferenceOptions
+from medseg.metrics import evaluate_images
 from medseg.segmenter import Segmenter
 
 from training.data import DatasetError, read_msd_dataset, split_cases
@@ -543,7 +546,7 @@ def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, caps
         card = json.loads(card_path.read_text())
         assert card["inference"].pop("mirror_axes") == [2]
         card_path.write_text(json.dumps(card))
-    assert crossval([str(path), "--ship"]) == 0
+    assert crossval([str(path), "--tta", "--ship"]) == 0
     summary = json.loads((tmp_path / "out" / "toy-model-cv.json").read_text())
     assert summary["folds"] == 3 and summary["cases"] == 6, "each case is validated exactly once"
     splits = json.loads((tmp_path / "out" / "toy-model-splits.json").read_text())
@@ -555,8 +558,35 @@ def test_cross_validation_trains_every_fold_and_ships_the_summary(tmp_path, caps
         assert summary["mean"][label] == pytest.approx(
             np.mean([f["dice"][label] for f in summary["per_fold"]]), abs=1e-4
         )
+    # --tta: every fold's held-out cases again, mirrored along the axis its training flipped (z)
+    mirrored = summary["mirrored"]
+    assert [f["mirror_axes"] for f in mirrored["per_fold"]] == [[2]] * 3
+    assert [f["cases"] for f in mirrored["per_fold"]] == [2, 2, 2]
+    # after 2 epochs the toy model is far from mirror-symmetric: mirroring moves its Dice (by about 0.06 to 0.1)
+    assert all(abs(mirrored["mean"][label] - summary["mean"][label]) > 0.02 for label in ("Bright", "Other"))
+    fold0 = tmp_path / "out" / "toy-model-fold0"
+    mirrorable = tmp_path / "fold0-mirrorable"
+    shutil.copytree(fold0, mirrorable)
+    card = json.loads((mirrorable / "model.json").read_text())
+    card["inference"]["mirror_axes"] = [2]
+    (mirrorable / "model.json").write_text(json.dumps(card))
+    segmenter = Segmenter(mirrorable, device="cpu", inference=InferenceOptions(mirror_axes=(2,)))
+    by_label = {"Bright": [], "Other": []}
+    for case in splits[0]["val"]:
+        result = segmenter.segment_files([dataset / "imagesTr" / f"{case}.nii.gz"], tmp_path / f"{case}-tta.nii.gz")
+        assert result.inference.mirror_axes == (2,)
+        reference = sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+        scores = evaluate_images(result.labelmap, reference, [1, 2])
+        by_label["Bright"].append(scores[1].dice)
+        by_label["Other"].append(scores[2].dice)
+    for label, dice in by_label.items():
+        assert mirrored["per_fold"][0]["dice"][label] == pytest.approx(np.mean(dice), abs=1e-3)
+        assert mirrored["mean"][label] == pytest.approx(
+            np.mean([f["dice"][label] for f in mirrored["per_fold"]]), abs=1e-4
+        )
     shipped = json.loads((tmp_path / "out" / "toy-model" / "model.json").read_text())
     assert shipped["training"]["cross_validation"]["mean"] == summary["mean"]
+    assert shipped["training"]["cross_validation"]["mirrored"] == mirrored
     assert shipped["training"]["config"]["description"] == description
     assert shipped["inference"]["mirror_axes"] == [2], "the shipped card lists the axes training flipped"
     assert shipped["weights"]["storage"] == "float"
