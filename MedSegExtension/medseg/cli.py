@@ -384,9 +384,17 @@ def _models(args: argparse.Namespace) -> int:
         print(f"    channels: {', '.join(f'{c.name} ({c.modality})' for c in card.channels)}")
         print(f"    labels:   {', '.join(f'{lb.value} {lb.name}' for lb in card.labels)}")
         print(f"    licence:  {card.licence}")
-        validation = card.training.get("validation", {}).get("mean")
-        if validation:
-            print(f"    validation Dice: {', '.join(f'{k} {v:.3f}' for k, v in validation.items())}")
+        validation = card.training.get("validation") or {}
+        if validation.get("mean"):
+            held_out = f" ({validation['cases']} held-out cases)" if validation.get("cases") else ""
+            print(f"    validation Dice{held_out}: {', '.join(f'{k} {v:.3f}' for k, v in validation['mean'].items())}")
+        cross = card.training.get("cross_validation") or {}
+        if cross.get("mean"):
+            folds = f"{cross['folds']}-fold cross-validated Dice"
+            print(f"    {folds}: {', '.join(f'{k} {v:.3f}' for k, v in cross['mean'].items())}")
+            if cross.get("mirrored"):
+                mirrored = cross["mirrored"]["mean"]
+                print(f"    {folds} with --tta: {', '.join(f'{k} {v:.3f}' for k, v in mirrored.items())}")
     return 0
 
 

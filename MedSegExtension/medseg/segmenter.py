@@ -218,7 +218,10 @@ class Segmenter:
         restored = None
         if maps:
             restored = restore_probabilities(probabilities, record)
-            labels = restored.argmax(0).astype(np.uint8)
+            if preview:  # a preview's labels stay the network grid's, nearest neighbour, with or without the maps
+                labels = restore_label_array(probabilities.argmax(0).astype(np.uint8), record)
+            else:
+                labels = restored.argmax(0).astype(np.uint8)
         elif labels_only:  # labels on the network grid, nearest neighbour to the input's
             network_labels = probabilities.cpu().numpy() if isinstance(probabilities, torch.Tensor) else probabilities
             labels = restore_label_array(network_labels, record)

@@ -14,18 +14,30 @@ from medseg.models.folder import load_model_folder
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 
-def test_bundled_weights_are_small_half_precision_and_documented(bundled_model_dir):
+def test_bundled_weights_are_small_int8_cross_validated_and_documented(bundled_model_dir):
     import torch
 
     weights = bundled_model_dir / "model.pt"
-    assert weights.stat().st_size < 5 * 2**20, "bundled weights must stay a few MB"
+    assert weights.stat().st_size < 6 * 2**20, "bundled weights must stay a few MB"
     state = torch.load(weights, weights_only=True)
-    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
     card = load_model_folder(bundled_model_dir).card
+    assert card.weights_storage == "int8"  # convolutions in int8 with a float32 scale per output channel
+    quantized = {name.removesuffix(":scale") for name in state if name.endswith(":scale")}
+    assert quantized and all(state[name].dtype == torch.int8 for name in quantized)
+    others = {t.dtype for n, t in state.items() if n not in quantized and not n.endswith(":scale")}
+    assert others <= {torch.float16}
     assert "CC-BY-SA-4.0" in card.licence and "1902.09063" in card.citation
-    assert card.training["split"]["validation"] and not set(card.training["split"]["validation"]) & set(
-        card.training["split"]["train"]
-    )
+    split = card.training["split"]
+    assert split["validation"] and not set(split["validation"]) & set(split["train"])
+    # 5-fold cross-validation over all 240 cases; the shipped fold's held-out cases are its validation split
+    cross = card.training["cross_validation"]
+    assert cross["folds"] == 5 and cross["cases"] == 240 and len(cross["per_fold"]) == 5
+    assert sum(f["cases"] for f in cross["per_fold"]) == 240
+    for label, mean in cross["mean"].items():
+        assert mean == pytest.approx(np.mean([f["dice"][label] for f in cross["per_fold"]]), abs=1e-4)
+    shipped = cross["per_fold"][cross["shipped_fold"]]
+    assert shipped["dice"] == card.training["validation_float16"]["mean"]
+    assert cross["mirrored"]["mean"].keys() == cross["mean"].keys()
 
 
 def segment_and_score(shared_data, cases, tmp_path, capsys, *options) -> tuple[dict[int, list[float]], list[str]]:

@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from helpers import write_dicom_series, write_model_folder
 from medseg import io
 from medseg.cli import main
+from medseg.models.card import read_card
+from medseg.models.registry import resources_dir
 
 
 @pytest.fixture
@@ -89,6 +91,15 @@ def test_models_lists_the_bundled_model(capsys):
     code, out, _ = run(["models"], capsys)
     assert code == 0
     assert "hippocampus-mri" in out and "Anterior hippocampus" in out and "CC-BY-SA-4.0" in out
+    # the card's cross-validation, as the bundled card records it (training.crossval --tta --ship)
+    cross = read_card(resources_dir() / "Models" / "hippocampus-mri").training["cross_validation"]
+    plain, mirrored = cross["mean"], cross["mirrored"]["mean"]
+    assert (
+        f"5-fold cross-validated Dice: Anterior hippocampus {plain['Anterior hippocampus']:.3f}, "
+        f"Posterior hippocampus {plain['Posterior hippocampus']:.3f}" in out
+    )
+    assert f"5-fold cross-validated Dice with --tta: Anterior hippocampus {mirrored['Anterior hippocampus']:.3f}" in out
+    assert "validation Dice (48 held-out cases): Anterior hippocampus" in out
     code, out, _ = run(["models", "--json"], capsys)
     entries = json.loads(out)
     assert any(
@@ -332,7 +343,7 @@ def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["step"], r["exit"]) for r in rows if "exit" in r] == [("smoke", 0)]
     (smoke,) = [r for r in rows if "exit" not in r]
-    assert smoke["step"] == "smoke" and smoke["agreement_with_cpu"] == 1.0 and smoke["cpu"]["ml"] == [2.246, 1.84]
+    assert smoke["step"] == "smoke" and smoke["agreement_with_cpu"] == 1.0 and smoke["cpu"]["ml"] == [2.105, 1.915]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia-smi.txt", "results.jsonl", "stderr.log"]
 
 

@@ -196,6 +196,11 @@ def test_preview_is_marked_runs_fewer_windows_and_stays_on_the_input_grid(tmp_pa
     a, b = sitk.GetArrayFromImage(full.labelmap), sitk.GetArrayFromImage(preview.labelmap)
     assert 0.97 < np.mean(a == b) < 1.0
     assert preview.statistics[0].voxels == pytest.approx(full.statistics[0].voxels, rel=0.25)
+    # asking for the probabilities too (the Slicer module keeps them for refinement) leaves a preview's labels as
+    # they are: the network grid's, nearest neighbour, not the argmax of interpolated maps
+    with_maps = segmenter.segment(blob_image, preview=True, with_probabilities=True)
+    assert with_maps.probabilities is not None and with_maps.preview
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(with_maps.labelmap), b)
 
 
 def test_restored_argmax_equals_the_argmax_of_restored_probabilities(tmp_path, blob_image):
