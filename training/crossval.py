@@ -65,6 +65,15 @@ def flipped_axes(card: dict) -> list[int]:
     return sorted(set(card["training"]["config"]["augmentation"]["flip_axes"]))
 
 
+def held_out_cases(card: dict, source: Path, config: TrainConfig, cases: dict) -> list:
+    """The dataset's cases a fold's card held out, or a clear error naming those the dataset lacks."""
+    held_out = card["training"]["split"]["validation"]
+    missing = sorted(set(held_out) - set(cases))
+    if missing:
+        raise ValueError(f"{source}: held-out case(s) {', '.join(missing[:3])} are not in {config.dataset}")
+    return [cases[c] for c in held_out]
+
+
 def mirrored_summary(config: TrainConfig) -> dict:
     """Each fold's held-out Dice per label with test-time mirroring along its flipped axes, and the mean over folds."""
     cases = {case.case_id: case for case in read_dataset(config.dataset)[0]}
@@ -80,8 +89,7 @@ def mirrored_summary(config: TrainConfig) -> dict:
             shutil.copytree(source, folder)
             card["inference"].setdefault("mirror_axes", axes)
             (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
-            held_out = card["training"]["split"]["validation"]
-            scored = evaluate_model_folder(folder, [cases[c] for c in held_out], mirror_axes="model")
+            scored = evaluate_model_folder(folder, held_out_cases(card, source, config, cases), mirror_axes="model")
         per_fold.append({"fold": fold, "cases": scored["cases"], "mirror_axes": axes, "dice": scored["mean"]})
         logger.info("fold %d mirrored along %s: %s", fold, axes, scored["mean"])
     labels = list(per_fold[0]["dice"])
@@ -119,12 +127,8 @@ def ship(config: TrainConfig, summary: dict, *, weights: str = "float") -> Path:
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         if weights == "int8":
             cases = {case.case_id: case for case in read_dataset(config.dataset)[0]}
-            held_out = card["training"]["split"]["validation"]
-            missing = sorted(set(held_out) - set(cases))
-            if missing:
-                raise ValueError(f"{source}: held-out case(s) {', '.join(missing[:3])} are not in {config.dataset}")
             card["training"]["validation_float16"] = card["training"]["validation"]
-            card["training"]["validation"] = evaluate_model_folder(tmp, [cases[c] for c in held_out])
+            card["training"]["validation"] = evaluate_model_folder(tmp, held_out_cases(card, source, config, cases))
             (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
             logger.info("int8 weights: validation %s", card["training"]["validation"]["mean"])
         load_model_folder(tmp)  # the engine must accept what is shipped

@@ -838,3 +838,13 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default(tmp
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match=r"made with a different config \(plan_filters changed\)"):
         train(config, resume=True)
+
+
+def test_a_held_out_case_missing_from_the_dataset_is_a_clear_error(tmp_path):
+    from training.crossval import held_out_cases
+
+    config = load_config(write_config(tmp_path, make_dataset(tmp_path / "toy"), folds=3))
+    card = {"training": {"split": {"validation": ["case_001", "case_004"]}}}
+    assert held_out_cases(card, tmp_path / "fold0", config, {"case_001": 1, "case_004": 4}) == [1, 4]
+    with pytest.raises(ValueError, match=r"fold0: held-out case\(s\) case_004 are not in .*toy"):
+        held_out_cases(card, tmp_path / "fold0", config, {"case_001": 1})
