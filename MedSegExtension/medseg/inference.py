@@ -351,9 +351,13 @@ class _GpuPlan:
     voxels: int  #: of the padded volume
     slab_bytes: object  #: batch -> bytes of the blending slab
 
+    def working(self, batch: int) -> int:
+        """Bytes a batch of windows and its blending slab take."""
+        return self.slab_bytes(batch) + batch * self.per_window
+
     def output_dtype(self, batch: int, requested: np.dtype) -> np.dtype | None:
         """The dtype of a result kept on the GPU (``requested``, else float16), or None: it goes to the host."""
-        working = self.slab_bytes(batch) + batch * self.per_window
+        working = self.working(batch)
         for dtype in dict.fromkeys([np.dtype(requested), np.dtype(np.float16)]):
             if working + self.classes * self.voxels * dtype.itemsize <= self.available:
                 return dtype
@@ -593,6 +597,14 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                         batch = report.window_batch = replanned
                         groups = list(_batches(starts, batch))
                         known.clear()  # its index was the old grouping's
+        if plan is not None and plan.working(batch) > plan.available:  # batch 1 is the least a run can do
+            gib = [plan.per_window / 2**30, plan.slab_bytes(batch) / 2**30, plan.available / 2**30]
+            _note(
+                report,
+                f"one window ({gib[0]:.1f} GiB) and its blending slab ({gib[1]:.1f} GiB for {plan.classes} classes) "
+                f"need more than the {gib[2]:.1f} GiB this run may use on the GPU (gpu_memory_gib); running at a "
+                "window batch of 1 regardless",
+            )
         on_device = None
         if plan is not None and keep_on_device and not labels_only:
             on_device = plan.output_dtype(batch, np.dtype(out_dtype))

@@ -540,6 +540,27 @@ def test_a_rejected_trial_replans_the_batch_on_float32_memory(monkeypatch):
     np.testing.assert_allclose(out, exact, atol=1e-6)
 
 
+def test_a_window_and_slab_beyond_the_gpu_budget_run_at_a_batch_of_1_and_say_so(monkeypatch):
+    """A 105-class model's slab can outgrow the budget on its own (the GPU's plan, forced here on the CPU)."""
+    volume = np.random.default_rng(6).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    exact = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
+    gib, voxels = 2**30, int(np.prod(volume.shape[1:]))
+    plan = inference._GpuPlan(1, 6 * gib, int(2.7 * gib), 105, voxels, lambda batch: int(3.6 * gib))  # 272x272x224
+    monkeypatch.setattr(inference, "_plan_gpu_memory", lambda *args: plan)
+    report = InferenceReport()
+    out = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, report=report)
+    assert report.window_batch == 1
+    (note,) = report.notes
+    assert "one window (2.7 GiB) and its blending slab (3.6 GiB for 105 classes) need more than the 6.0 GiB" in note
+    np.testing.assert_allclose(out, exact, atol=1e-6)
+    roomy = inference._GpuPlan(1, 8 * gib, int(2.7 * gib), 105, voxels, lambda batch: int(3.6 * gib))
+    monkeypatch.setattr(inference, "_plan_gpu_memory", lambda *args: roomy)
+    report = InferenceReport()
+    sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, report=report)
+    assert report.notes == []
+
+
 @pytest.mark.parametrize("shape", [(30, 26, 40), (12, 20, 9)], ids=["windows", "padded"])
 def test_labels_streamed_slab_by_slab_are_the_argmax_of_the_probabilities(shape):
     volume = np.random.default_rng(7).normal(size=(1, *shape)).astype(np.float32)
