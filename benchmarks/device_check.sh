@@ -8,7 +8,7 @@
 # Three files land in $OUT (the device tool brings back at most 8): results.jsonl (one line per row: the smoke check
 # of the bundled sample on the GPU against the CPU, benchmarks/inference.py's rows and summaries, each tagged with
 # its step, and how each step ended), stderr.log, and nvidia-smi.txt.
-# Steps, most important first: smoke unet dynunet dynunet-long segresnet unet-e2e (all by default: about 13 minutes
+# Steps, most important first: smoke unet dynunet dynunet-long segresnet unet-e2e (all by default: about 13.5 minutes
 # by their time limits, more than one lease holds; pick some with STEPS="smoke unet"). Each benchmark variant is a
 # child process that costs 10 to 30 s of imports, CUDA start-up and cuDNN autotuning before it times anything. The
 # network-part steps use a synthetic CT on the untrained models' own grid (1.5 x 1.5 x 2 mm), so the network runs on
@@ -91,8 +91,9 @@ bench unet 110 --model unet --classes 2 --shape "${CT[@]}" "${GRID[@]}" --roi "$
     --variants monai medseg medseg-fp32 medseg-bf16
 bench dynunet 170 --model dynunet --classes 105 --shape "${MID[@]}" "${GRID[@]}" --roi "${BIG_ROI[@]}" \
     --network-only --variants monai medseg medseg-fp32 medseg-fp16
-# 3. Memory: the 105-class model on a long CT resampled to 1.5 mm (the target is 7 GB of GPU memory); MedSeg alone.
-REPEATS=1 bench dynunet-long 200 --model dynunet --classes 105 --shape "${LARGE[@]}" --roi "${BIG_ROI[@]}" \
+# 3. Memory: the 105-class model on a long CT resampled to 1.5 mm (the target is 7 GB of GPU memory); MedSeg alone,
+#    one run each of the network part and file in, file out (REPEATS=0: no warm-up; it did not fit 200 s with one).
+REPEATS=0 bench dynunet-long 240 --model dynunet --classes 105 --shape "${LARGE[@]}" --roi "${BIG_ROI[@]}" \
     --variants medseg
 # 4. SegResNet, network part.
 bench segresnet 120 --model segresnet --classes 2 --shape "${CT[@]}" "${GRID[@]}" --roi "${ROI[@]}" --network-only \

@@ -183,10 +183,14 @@ def model_folder(name: str, classes: int, roi, work: Path) -> Path:
 
 
 def timed(function, repeats: int, *, with_first: bool = False):
+    """The median seconds of ``repeats`` runs after a warm-up, and the last run's result; ``repeats=0``: the one
+    warm-up run is the measurement (a large input measured for its memory)."""
     start = time.perf_counter()
-    function()  # warm-up
+    result = function()  # warm-up
     first = time.perf_counter() - start
-    times, result = [], None
+    if repeats == 0:
+        return (first, result, first) if with_first else (first, result)
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = function()
@@ -464,7 +468,7 @@ def main() -> None:
     parser.add_argument(
         "--network-only", action="store_true", help="MedSeg variants time the network part only (no file in, file out)"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; 0: the warm-up alone")
     parser.add_argument(
         "--variants",
         nargs="+",
