@@ -190,7 +190,7 @@ def timed(function, repeats: int, *, with_first: bool = False):
     first = time.perf_counter() - start
     if repeats == 0:
         return (first, result, first) if with_first else (first, result)
-    times = []
+    times, result = [], None  # the warm-up's result is not held while the first timed run allocates its own
     for _ in range(repeats):
         start = time.perf_counter()
         result = function()
