@@ -244,18 +244,26 @@ def test_progress_json_reports_stages_in_order_then_the_result(tmp_path, scan, t
     assert [s["voxels"] for s in result["statistics"]] == [int((labels == v).sum()) for v in (1, 2)]
 
 
-@pytest.mark.slow
-def test_inference_benchmark_runs_every_variant_and_reports_ratios(tmp_path):
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def benchmark_rows(script: str, *arguments: str, timeout: int) -> list[dict]:
+    """The JSON lines a benchmark script prints, run in a fresh process; it must exit cleanly."""
     done = subprocess.run(
-        [sys.executable, str(script), "--shape", "48", "48", "32", "--roi", "32", "32", "32", "--repeats", "1"],
+        [sys.executable, str(BENCHMARKS / script), *arguments],
         capture_output=True,
         text=True,
         encoding="utf-8",
-        timeout=600,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_every_variant_and_reports_ratios(tmp_path):
+    tiny = ["--shape", "48", "48", "32", "--roi", "32", "32", "32", "--repeats", "1"]
+    rows = benchmark_rows("inference.py", *tiny, timeout=600)
     assert not [row for row in rows if "error" in row], rows
     variants = {row["variant"]: row for row in rows if "variant" in row}
     openvino = importlib.util.find_spec("openvino") is not None  # then: a conversion step and its model's memory
@@ -335,7 +343,7 @@ def test_parsing_the_command_line_does_not_import_torch_and_knows_every_precisio
 
 def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
     """benchmarks/device_check.sh is meant for a GPU lease; QUICK=1 DEVICE=cpu checks its plumbing here."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "device_check.sh"
+    script = BENCHMARKS / "device_check.sh"
     env = {**os.environ, "OUT": str(tmp_path), "QUICK": "1", "DEVICE": "cpu", "STEPS": "smoke"}
     env["PYTHON"] = sys.executable
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
@@ -350,17 +358,9 @@ def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
 def test_the_gpu_profile_script_runs_on_the_cpu():
     """benchmarks/gpu_profile.py explains GPU ratios under a lease; on the CPU its parts run the same way, and
     MedSeg's float32 labels are plain MONAI's."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_profile.py"
     tiny = ["--device", "cpu", "--model", "dynunet", "--classes", "3", "--shape", "40", "40", "24", "--repeats", "1"]
-    done = subprocess.run(
-        [sys.executable, str(script), *tiny, "--roi", "32", "32", "32", "--parts", "window", "monai", "medseg"],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    parts = ["--roi", "32", "32", "32", "--parts", "window", "monai", "medseg"]
+    rows = benchmark_rows("gpu_profile.py", *tiny, *parts, timeout=300)
     windows = [r for r in rows if r.get("part") == "window"]
     assert {(r["dtype"], r["layout"], r["batch"]) for r in windows} == {
         (d, lay, b) for d in ("float32", "float16") for lay in ("ncdhw", "channels_last") for b in (1, 2)
