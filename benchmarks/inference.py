@@ -275,6 +275,7 @@ def run_medseg(
         "windows": report.windows,
     }
     if report.calibration_disagreement is not None:
+        row["trial_shape"] = list(report.trial_shape)
         row["trial_disagreement"] = report.calibration_disagreement
         row["estimated_disagreement"] = report.estimated_disagreement
     if report.notes:

@@ -15,9 +15,10 @@ plain MONAI's to rounding. What differs is how the work is done:
   norms dominate), and float16 windows are checked for overflow (a run that overflows is redone in float32).
 * **Precision.** ``fp32``, ``bf16`` or ``fp16`` autocast, or ``auto``: the low precision the device runs fast
   (bf16 on CPUs with AMX/AVX-512-BF16, fp16 on GPUs), *checked against float32*. The window batch nearest the
-  centre (on a GPU, its first :data:`GPU_TRIAL_WINDOWS` windows) runs in both precisions (a whole batch keeps its
-  float32 logits). If the low precision changed more
-  than :data:`DISAGREEMENT_BUDGET` of its labels (an unsure model: an untrained one, whose logits nearly tie
+  centre runs in both precisions first: on the CPU the central half of each of its windows (:func:`trial_crop`,
+  an eighth of the work; whole windows where they are small or the network refuses that size), on a GPU its
+  first :data:`GPU_TRIAL_WINDOWS` windows (a whole batch keeps its float32 logits). If the low precision changed
+  more than :data:`DISAGREEMENT_BUDGET` of its labels (an unsure model: an untrained one, whose logits nearly tie
   everywhere), the run is float32. Otherwise the rest runs in low precision; the largest margin change seen in
   the trial is the error bound, and after blending the voxels within that bound of a tie, times the trial's label
   flips per such voxel, estimate how many labels could differ from float32. Above the budget, the run is redone
@@ -34,7 +35,7 @@ plain MONAI's to rounding. What differs is how the work is done:
   the GPU once, from pinned memory.
 * **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about 1.5x PyTorch's
   speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`). The trial's float32
-  reference stays in PyTorch, so a model that passes the trial never pays for the conversion.
+  reference runs in PyTorch, so a model that passes the trial never pays for the conversion.
 * **Cached blending weights** per window size and mode.
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
   averaged, as nnU-Net does. Off by default.
@@ -76,6 +77,9 @@ MAX_GPU_WINDOW_BATCH = 16
 DEFAULT_GPU_MEMORY_GIB = 6.0
 #: Windows in the float32 trial of ``auto`` on a GPU (on the CPU, the trial is one window batch of 2).
 GPU_TRIAL_WINDOWS = 2
+#: The CPU trial runs on central crops of its windows only when a crop keeps at least this many voxels: enough
+#: labels to resolve the 0.05 % budget (16 voxels in 32 768). A smaller window's whole trial costs little anyway.
+MIN_TRIAL_CROP_VOXELS = 32**3
 #: Finished slabs are normalised and turned into probabilities or labels in chunks of about this many bytes of
 #: logits, so their temporaries stay small next to the slab (105 classes on a 273 x 273 cross-section: 12 slices).
 FLUSH_CHUNK_BYTES = 128 * 2**20
@@ -188,6 +192,7 @@ class InferenceReport:
     windows: int = 0
     mirror_axes: tuple[int, ...] = ()  #: test-time mirroring's axes (each window ran 2 ** len times)
     # auto only:
+    trial_shape: tuple[int, ...] | None = None  #: the trial windows' size: on the CPU their central half
     error_bound: float | None = None  #: largest change of a top-class margin in the trial batch
     calibration_disagreement: float | None = None  #: labels the low precision changed in the trial batch
     at_risk_fraction: float | None = None  #: voxels whose blended margin is within the error bound
@@ -574,12 +579,17 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         elif options.precision == "auto" and low is not None:
             group = _central_group(groups, padded_shape, roi)
             trial = groups[group][:trial_size]
-            (calibration, reference), trial_bytes = _peak_bytes(
-                device, lambda: _calibrate(stacked(trial), fp32, runner)
-            )
-            if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
-                known[group] = reference
-            del reference
+            crops = None if cuda or plan is not None else _calibrate_on_crops(stacked(trial), fp32, runner)
+            if crops is not None:
+                (calibration, report.trial_shape), trial_bytes = crops, 0
+            else:
+                report.trial_shape = roi
+                (calibration, reference), trial_bytes = _peak_bytes(
+                    device, lambda: _calibrate(stacked(trial), fp32, runner)
+                )
+                if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
+                    known[group] = reference
+                del reference
             release_memory()  # the float32 trial's activations: give them back before the batches allocate theirs
             report.error_bound = calibration.bound
             report.calibration_disagreement = calibration.disagreement
@@ -697,6 +707,45 @@ def _calibrate(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tuple[_Calib
     at_risk = int((margin < bound).sum())
     trial = _Calibration(bound=bound, disagreement=flips / voxels, flips_per_risk=max(flips, 1) / max(at_risk, 1))
     return trial, reference
+
+
+def trial_crop(roi: Sequence[int]) -> tuple[int, ...] | None:
+    """The central crop of a window that the CPU trial runs on, or None for the whole window.
+
+    About half the window along each axis (an eighth of the work), rounded down to a multiple of the largest power
+    of two, up to 16, that divides the window, so that a network's downsampling still fits the crop: 96 -> 48,
+    128 -> 64, 40 -> 16, 56 -> 24. None when that leaves fewer than :data:`MIN_TRIAL_CROP_VOXELS`.
+    """
+    size = []
+    for r in roi:
+        step = min(r & -r, 16)  # the largest power of two dividing r, at most 16
+        size.append(r // 2 // step * step)
+    return tuple(size) if math.prod(size) >= MIN_TRIAL_CROP_VOXELS else None
+
+
+def _calibrate_on_crops(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tuple[_Calibration, tuple] | None:
+    """The CPU trial: :func:`_calibrate` on the :func:`trial_crop` of each window; with the crops' size.
+
+    On a 2-core CPU a whole trial batch in PyTorch's float32 costs as much as 4 OpenVINO windows, and keeping its
+    logits saves little: a trained model's run is low precision, and an unsure one's float32 windows run faster in
+    OpenVINO. The crops hold the same anatomy under the same network, so the precisions compare alike, and the
+    after-run estimate still covers the whole volume. None where the windows are too small to crop, where the
+    network refuses the crop's size (a fixed input size, such as UNETR's) or returns another size: the caller then
+    runs the trial on the whole windows.
+    """
+    roi = batch.shape[2:]
+    size = trial_crop(roi)
+    if size is None:
+        return None
+    crop = batch[(slice(None), slice(None), *(slice((r - c) // 2, (r - c) // 2 + c) for r, c in zip(roi, size)))]
+    try:
+        calibration, reference = _calibrate(crop.contiguous(), fp32, low)
+    except (RuntimeError, ValueError, AssertionError) as error:  # how PyTorch and MONAI refuse an input size
+        logger.debug("the trial runs on whole windows: the network refused a %s crop (%s)", size, error)
+        return None
+    if tuple(reference.shape[2:]) != size:
+        return None
+    return calibration, size
 
 
 class _SlabStream:

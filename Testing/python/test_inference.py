@@ -25,7 +25,7 @@ from medseg.progress import RunControl
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
-from monai.networks.nets import UNet
+from monai.networks.nets import UNETR, UNet
 
 CPU = torch.device("cpu")
 #: the float32 loop in PyTorch: these tests are about the windows and blending (test_backends.py covers OpenVINO)
@@ -336,6 +336,39 @@ def test_auto_keeps_float32_for_an_unsure_model():
     np.testing.assert_array_equal(out, exact)
     forced = sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions("bf16"))
     assert np.mean(forced.argmax(0) == exact.argmax(0)) < 1 - inference.DISAGREEMENT_BUDGET
+
+
+def test_the_cpu_trial_crop_keeps_a_networks_downsampling_and_enough_voxels():
+    assert inference.trial_crop((96, 96, 96)) == (48, 48, 48)  # the benchmark's U-Net: an eighth of the work
+    assert inference.trial_crop((128, 128, 128)) == (64, 64, 64)
+    assert inference.trial_crop((80, 96, 64)) == (32, 48, 32)  # 40 is not a multiple of 16: 32
+    assert inference.trial_crop((40, 56, 40)) is None  # the hippocampus window: 16 x 24 x 16 is too few voxels
+    assert inference.trial_crop((16, 16, 16)) is None
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
+def test_the_cpu_trial_runs_on_the_central_half_of_its_windows_unless_the_network_refuses_that_size():
+    """The CPU trial compares the precisions on each trial window's central half (an eighth of the work). A network
+    with a fixed input size (UNETR's patch grid) refuses the half: its trial runs on the whole windows instead."""
+    volume = np.random.default_rng(2).normal(size=(1, 160, 112, 64)).astype(np.float32)  # 3 x 2 windows of 64
+    settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="constant")
+    torch.manual_seed(0)
+    unsure = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+    report = InferenceReport()
+    auto = InferenceOptions(backend="torch")
+    sliding_window_probabilities(unsure, volume, settings, device=CPU, report=report, options=auto)
+    assert report.windows == 6 and report.trial_shape == (32, 32, 32) and report.precision == "fp32"
+    assert report.calibration_disagreement > inference.DISAGREEMENT_BUDGET  # the crops still show it is unsure
+
+    fixed = UNETR(1, 2, img_size=(64, 64, 64), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4).eval()
+    report = InferenceReport()
+    out = sliding_window_probabilities(fixed, volume, settings, device=CPU, report=report, options=auto)
+    assert report.trial_shape == (64, 64, 64) and report.calibration_disagreement is not None
+    exact = sliding_window_probabilities(fixed, volume, settings, device=CPU, options=FP32)
+    if report.precision == "fp32":  # an untrained UNETR nearly ties: the whole-window trial sent it to float32
+        np.testing.assert_array_equal(out, exact)
+    else:
+        assert np.mean(out.argmax(0) == exact.argmax(0)) >= 1 - inference.DISAGREEMENT_BUDGET
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
