@@ -128,21 +128,23 @@ def main() -> None:
             monai_seconds, monai_labels = timed(monai)
             emit({"part": "monai", "seconds": monai_seconds, "peak_MiB": peak_mib()})
 
-        def medseg(precision: str, report):
-            options = inference.InferenceOptions(precision=precision, backend="torch")
+        def medseg(precision: str, report, blend_features: bool = True):
+            options = inference.InferenceOptions(precision=precision, backend="torch", blend_features=blend_features)
             return inference.sliding_window_labels(
                 network, volume, settings, device=device, options=options, report=report
             )
 
         if "medseg" in args.parts:
-            for precision in ("fp32", "fp16", "auto"):
+            # fp32 with the logits blended, as before feature blending: its memory and speed beside the default's
+            for precision, blend in (("fp32", True), ("fp32", False), ("fp16", True), ("auto", True)):
                 report = inference.InferenceReport()
                 reset_peak()
-                seconds, labels = timed(lambda precision=precision, report=report: medseg(precision, report))
+                seconds, labels = timed(lambda p=precision, r=report, b=blend: medseg(p, r, b))
                 row = {
                     "part": "medseg",
                     "requested": precision,
                     "precision": report.precision,
+                    "blended_channels": report.blended_channels,
                     "window_batch": report.window_batch,
                     "seconds": seconds,
                     "peak_MiB": peak_mib(),

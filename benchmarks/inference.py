@@ -235,9 +235,11 @@ def run_medseg(
     from medseg.inference import InferenceOptions, InferenceReport, release_memory, sliding_window_labels
     from medseg.segmenter import Segmenter
 
-    kind, _, backend = variant.partition("-")[2].partition("-")  # medseg[-precision[-backend]]
+    blend_features = not variant.endswith("-logits")  # medseg...-logits: blend the logits, as MONAI does
+    kind, _, backend = variant.removesuffix("-logits").partition("-")[2].partition("-")  # medseg[-precision[-backend]]
     preview = kind == "preview"
-    options = InferenceOptions(precision="auto" if preview or not kind else kind, backend=backend or "auto")
+    precision = "auto" if preview or not kind else kind
+    options = InferenceOptions(precision=precision, backend=backend or "auto", blend_features=blend_features)
     segmenter = Segmenter(folder, device=device, inference=options)
     card, volume = network_input(folder, image_path)
     settings = card.inference
@@ -272,6 +274,7 @@ def run_medseg(
         "precision": report.precision,
         "backend": report.backend,
         "window_batch": report.window_batch,
+        "blended_channels": report.blended_channels,
         "windows": report.windows,
     }
     if report.calibration_disagreement is not None:
@@ -335,11 +338,12 @@ def run_convert(folder: Path, image_path: Path, device: str, repeats: int, work:
 def _openvino_model(folder: Path):
     """The model folder's network as OpenVINO runs it (converted, or read from the cache) and its input shape."""
     from medseg.backends import openvino_network
+    from medseg.inference import window_network
     from medseg.models.folder import load_model_folder
 
     loaded = load_model_folder(folder)
     shape = (len(loaded.card.channels), *loaded.card.inference.roi_size)
-    return openvino_network(loaded.network, shape), shape
+    return openvino_network(window_network(loaded.network, shape[0]), shape), shape
 
 
 def run_tutorial(folder: Path, image_path: Path, device: str, repeats: int, work: Path) -> dict:
@@ -475,7 +479,9 @@ def main() -> None:
         nargs="+",
         default=["monai", "tutorial", "model", "medseg", "medseg-fp32", "medseg-bf16"],
         help="monai, tutorial, model, medseg (auto precision), medseg-fp32, medseg-bf16, medseg-fp16, medseg-preview; "
-        "a MedSeg variant with a backend suffix (medseg-fp32-torch, medseg-auto-torch) forces that backend",
+        "a MedSeg variant with a backend suffix (medseg-fp32-torch, medseg-auto-torch) forces that backend; "
+        "one ending in -logits (medseg-fp32-torch-logits) blends the logits where MedSeg would blend the features "
+        "before a pointwise head (a many-class DynUNet)",
     )
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "FOLDER", "IMAGE", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -77,6 +77,10 @@ MAX_GPU_WINDOW_BATCH = 16
 DEFAULT_GPU_MEMORY_GIB = 6.0
 #: Windows in the float32 trial of ``auto`` on a GPU (on the CPU, the trial is one window batch of 2).
 GPU_TRIAL_WINDOWS = 2
+#: OpenVINO's float32 windows: at least this many labels are assumed to change per voxel within its rounding of a
+#: tie. Its check window (seeded noise) shows 0.02 for the untrained U-Net and DynUNet, but on a CT the flat regions
+#: tie together: there 0.16 (U-Net, 2 classes) and 0.6 (DynUNet, 105 classes) changed per such voxel.
+OPENVINO_MIN_FLIPS_PER_RISK = 0.25
 #: The CPU trial runs on central crops of its windows only when a crop keeps at least this many voxels: enough
 #: labels to resolve the 0.05 % budget (16 voxels in 32 768). A smaller window's whole trial costs little anyway.
 MIN_TRIAL_CROP_VOXELS = 32**3
@@ -125,6 +129,9 @@ class InferenceOptions:
             always run in PyTorch.
         gpu_memory_gib: on a GPU, the memory the run may use for its window batch, blending slab and a result kept
             on the device (never more than is free); None for :data:`DEFAULT_GPU_MEMORY_GIB`.
+        blend_features: where the network ends in a pointwise head with fewer input features than classes (a
+            many-class DynUNet), blend the features and apply the head after blending: the same logits to float32
+            rounding, with a smaller slab and window output. False blends the logits, as MONAI does.
     """
 
     precision: str = "auto"
@@ -132,6 +139,7 @@ class InferenceOptions:
     mirror_axes: tuple[int, ...] | str = ()
     backend: str = "auto"
     gpu_memory_gib: float | None = None
+    blend_features: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -191,6 +199,7 @@ class InferenceReport:
     window_batch: int = 1
     windows: int = 0
     mirror_axes: tuple[int, ...] = ()  #: test-time mirroring's axes (each window ran 2 ** len times)
+    blended_channels: int = 0  #: channels blended per voxel: the classes, or the features before a pointwise head
     # auto only:
     trial_shape: tuple[int, ...] | None = None  #: the trial windows' size: on the CPU their central half
     error_bound: float | None = None  #: largest change of a top-class margin in the trial batch
@@ -369,13 +378,18 @@ class _GpuPlan:
         return None
 
 
-def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options) -> _GpuPlan | None:
-    """On a GPU, probe one window's memory and plan the batch within the memory budget; None on the CPU."""
+def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options, classes=None) -> _GpuPlan | None:
+    """On a GPU, probe one window's memory and plan the batch within the memory budget; None on the CPU.
+
+    ``classes``: of the result. The slab blends as many channels as a window returns (the features before a
+    pointwise head, or the logits).
+    """
     if device.type != "cuda":
         return None
     before = torch.cuda.memory_allocated(device)
     logits, per_window = _peak_bytes(device, lambda: runner(one))
-    classes = int(logits.shape[1])
+    blended = int(logits.shape[1])
+    classes = classes or blended
     del logits
     free, _ = torch.cuda.mem_get_info(device)
     limit = (options.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * 2**30
@@ -383,7 +397,7 @@ def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options) -> 
     cross = math.prod(shape) // shape[axis]
 
     def slab_bytes(batch: int) -> int:  # accumulator and weights, a finished chunk's temporaries, the labels
-        slab = (classes + 1) * cross * slab_depth(starts, batch, roi, axis, shape[axis]) * 4
+        slab = (blended + 1) * cross * slab_depth(starts, batch, roi, axis, shape[axis]) * 4
         return slab + 4 * min(slab, FLUSH_CHUNK_BYTES) + math.prod(shape)
 
     batch = window_batch_for(available, per_window, slab_bytes, len(starts))
@@ -399,6 +413,70 @@ def _peak_bytes(device: torch.device, function):
     before = torch.cuda.memory_allocated(device)
     result = function()
     return result, torch.cuda.max_memory_allocated(device) - before
+
+
+# ------------------------------------------------------------------------------------------ feature blending
+
+
+class _PointwiseHead:
+    """A network's last layer when it is a 1x1x1 convolution: logits = W features + b, applied after blending.
+
+    Blending is linear, so blending the features the head reads and applying the head once per voxel gives the
+    blended logits (to float32 rounding). For an nnU-Net-like DynUNet with 105 classes the slab then holds its 32
+    features instead of 106 channels, and a window returns 32 channels instead of 105.
+    """
+
+    def __init__(self, conv: torch.nn.Conv3d, device: torch.device) -> None:
+        self.weight = conv.weight.detach().to(device, torch.float32)
+        self.bias = None if conv.bias is None else conv.bias.detach().to(device, torch.float32)
+        self.classes, self.features = int(self.weight.shape[0]), int(self.weight.shape[1])
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of (N, F, ...) or (F, ...) features, in float32."""
+        single = features.dim() == 4
+        x = features[None] if single else features
+        logits = torch.nn.functional.conv3d(x.float(), self.weight, self.bias)
+        return logits[0] if single else logits
+
+
+def _feature_split(network: torch.nn.Module, channels: int, device: torch.device):
+    """``(body, head)`` where blending ``body``'s features and then applying ``head`` gives the blended logits and
+    blends fewer channels than the logits have; None otherwise (the whole network's logits are blended).
+
+    MONAI's DynUNet ends in a 1x1x1 convolution (its output block) on its last features. The split is checked on a
+    seeded input before it is used: ``head(body(x))`` must equal ``network(x)``.
+    """
+    from monai.networks.nets import DynUNet
+
+    if type(network) is not DynUNet:
+        return None
+    convs = [m for m in network.output_block.modules() if isinstance(m, torch.nn.Conv3d)]
+    if len(convs) != 1 or tuple(convs[0].kernel_size) != (1, 1, 1) or convs[0].groups != 1:
+        return None
+    if tuple(convs[0].stride) != (1, 1, 1) or convs[0].out_channels <= convs[0].in_channels:
+        return None  # as many features as classes: nothing to gain
+    factor = [1, 1, 1]
+    for stride in network.strides:
+        stride = [stride] * 3 if isinstance(stride, int) else list(stride)
+        factor = [f * int(s) for f, s in zip(factor, stride)]
+    head = _PointwiseHead(convs[0], device)
+    generator = torch.Generator().manual_seed(20261127)
+    x = torch.randn((1, channels, *(2 * f for f in factor)), generator=generator).to(device)
+    with torch.inference_mode():
+        expected, split = network(x).float(), head(network.skip_layers(x))
+    scale = float(expected.abs().max()) or 1.0
+    if split.shape != expected.shape or float((split - expected).abs().max()) > 1e-4 * scale:
+        logger.debug("blending DynUNet's logits: its output block is not a plain pointwise head")
+        return None
+    return network.skip_layers, head
+
+
+def window_network(network: torch.nn.Module, channels: int, blend_features: bool = True) -> torch.nn.Module:
+    """What the engine runs on each window of a ``channels``-channel input: the part of ``network`` before a
+    pointwise head whose features it blends (see :func:`_feature_split`), else the whole network. A benchmark that
+    prepares OpenVINO's cache converts this."""
+    split = _feature_split(network.eval(), channels, torch.device("cpu")) if blend_features else None
+    return split[0] if split else network
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -494,14 +572,14 @@ def sliding_window_probabilities(
             report.notes.append(message)
 
 
-def _float32_runner(network, device, options, input_shape, fallback: _Runner, report) -> _Runner:
+def _float32_runner(network, device, options, input_shape, fallback: _Runner, report, head=None) -> _Runner:
     """The runner for a whole volume's float32 windows: OpenVINO's on the CPU where it can be, else ``fallback``."""
     if device.type != "cpu" or options.backend == "torch":
         return fallback
     if options.backend == "auto" and not backends.openvino_available():
         return fallback
     try:
-        compiled = backends.openvino_network(network, input_shape)
+        compiled = backends.openvino_network(network, input_shape, head=head)
     except backends.BackendUnavailableError as error:
         if options.backend == "openvino":
             raise MedSegError(f"backend openvino: {error}") from None
@@ -534,6 +612,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     starts.sort(key=lambda s: (s[axis], s))
     cuda = device.type == "cuda"
     network.to(device).eval()
+    # a network ending in a pointwise head with fewer features than classes: blend the features, then the head
+    split = _feature_split(network, volume.shape[0], device) if options.blend_features else None
+    body, head = split or (network, None)
 
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     if any(a or b for a, b in pads):
@@ -545,13 +626,13 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(options.precision)
     if options.precision == "auto":
         low = low_precision_for(device)
-    fp32 = _Runner(network, device, None, options.mirror_axes)  # PyTorch's: the trial's reference
+    fp32 = _Runner(body, device, None, options.mirror_axes)  # PyTorch's: the trial's reference
 
     @functools.cache
     def whole_fp32() -> _Runner:  # what runs a volume's float32 windows; converted only when first needed
-        return _float32_runner(network, device, options, (volume.shape[0], *roi), fp32, report)
+        return _float32_runner(body, device, options, (volume.shape[0], *roi), fp32, report, head)
 
-    runner = _Runner(network, device, low, options.mirror_axes) if low is not None else None
+    runner = _Runner(body, device, low, options.mirror_axes) if low is not None else None
 
     def window(start) -> torch.Tensor:
         return x[(slice(None), *(slice(s, s + r) for s, r in zip(start, roi)))]
@@ -565,7 +646,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         report.window_batch = batch or 1  # what an out-of-memory during the probe below halves from
         plan = None
         if batch is None:
-            plan = _plan_gpu_memory(runner, window(starts[0])[None], device, starts, roi, axis, padded_shape, options)
+            first = window(starts[0])[None]
+            classes = head.classes if head is not None else None
+            plan = _plan_gpu_memory(runner, first, device, starts, roi, axis, padded_shape, options, classes)
             batch = plan.batch if plan is not None else min(CPU_WINDOW_BATCH, len(starts))
         report.device, report.window_batch, report.windows = str(device), batch, len(starts)
         report.mirror_axes = tuple(options.mirror_axes)
@@ -579,13 +662,13 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         elif options.precision == "auto" and low is not None:
             group = _central_group(groups, padded_shape, roi)
             trial = groups[group][:trial_size]
-            crops = None if cuda or plan is not None else _calibrate_on_crops(stacked(trial), fp32, runner)
+            crops = None if cuda or plan is not None else _calibrate_on_crops(stacked(trial), fp32, runner, head)
             if crops is not None:
                 (calibration, report.trial_shape), trial_bytes = crops, 0
             else:
                 report.trial_shape = roi
                 (calibration, reference), trial_bytes = _peak_bytes(
-                    device, lambda: _calibrate(stacked(trial), fp32, runner)
+                    device, lambda: _calibrate(stacked(trial), fp32, runner, head)
                 )
                 if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
                     known[group] = reference
@@ -618,7 +701,16 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         on_device = None
         if plan is not None and keep_on_device and not labels_only:
             on_device = plan.output_dtype(batch, np.dtype(out_dtype))
-        stream = _SlabStream(groups, roi, axis, padded_shape, weights, np.dtype(out_dtype), calibration, on_device)
+        openvino = runner.network if isinstance(runner.network, backends.OpenVINONetwork) else None
+        if openvino is not None:  # float32 in OpenVINO: how near a tie its rounding (from its check) could flip
+            calibration = _Calibration(
+                bound=openvino.bound,
+                disagreement=0.0,
+                flips_per_risk=max(openvino.flips_per_risk, OPENVINO_MIN_FLIPS_PER_RISK),
+            )
+        stream = _SlabStream(
+            groups, roi, axis, padded_shape, weights, np.dtype(out_dtype), calibration, on_device, head=head
+        )
         stream.labels_only = labels_only
         stream.check_finite = report.precision == "fp16"  # float16's range: an overflow sends the run to float32
 
@@ -632,7 +724,12 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         elif calibration is not None:
             estimate = at_risk * calibration.flips_per_risk
             report.at_risk_fraction, report.estimated_disagreement = at_risk, estimate
-            if estimate > DISAGREEMENT_BUDGET:
+            if estimate > DISAGREEMENT_BUDGET and openvino is not None:
+                redo = (
+                    f"{at_risk:.3%} of the voxels are within OpenVINO's float32 rounding ({openvino.bound:.1e} of a "
+                    f"logit margin) of a tie, about {estimate:.3%} could differ from PyTorch's; recomputing in PyTorch"
+                )
+            elif estimate > DISAGREEMENT_BUDGET:
                 redo = (
                     f"{at_risk:.3%} of the voxels are within {report.precision}'s error bound, about {estimate:.3%} "
                     "could differ from float32; recomputing in float32"
@@ -642,8 +739,11 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             report.precision = "fp32"
             stream.calibration, stream.check_finite = None, False
             quiet = RunControl(cancel_event=control.cancel_event)  # progress already reached 1; keep cancel
-            rerun = whole_fp32()
+            rerun = fp32 if openvino is not None else whole_fp32()
+            if openvino is not None:
+                report.backend = "torch"
             stream.run(lambda i, g: rerun(stacked(g)), quiet)
+    report.blended_channels = stream.blended
     out = stream.out
     if any(a or b for a, b in pads):
         lead = () if labels_only else (slice(None),)
@@ -695,10 +795,12 @@ def _central_group(groups, shape, roi) -> int:
     )
 
 
-def _calibrate(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tuple[_Calibration, torch.Tensor]:
-    """Run one window batch in float32 and in low precision and compare; also returns the float32 logits."""
-    reference = fp32(batch)
-    candidate = low(batch)
+def _calibrate(batch: torch.Tensor, fp32: _Runner, low: _Runner, head=None) -> tuple[_Calibration, torch.Tensor]:
+    """Run one window batch in float32 and in low precision and compare their logits (``head`` turns the runners'
+    features into logits); also returns what the float32 runner returned, for the stream to blend."""
+    output = fp32(batch)
+    reference = head(output) if head is not None else output
+    candidate = head(low(batch)) if head is not None else low(batch)
     top, margin = top_two(reference, 1)
     change = candidate - reference
     bound = float((change - change.gather(1, top[:, None].long())).abs().max())
@@ -706,7 +808,7 @@ def _calibrate(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tuple[_Calib
     voxels = top.numel()
     at_risk = int((margin < bound).sum())
     trial = _Calibration(bound=bound, disagreement=flips / voxels, flips_per_risk=max(flips, 1) / max(at_risk, 1))
-    return trial, reference
+    return trial, output
 
 
 def trial_crop(roi: Sequence[int]) -> tuple[int, ...] | None:
@@ -723,7 +825,9 @@ def trial_crop(roi: Sequence[int]) -> tuple[int, ...] | None:
     return tuple(size) if math.prod(size) >= MIN_TRIAL_CROP_VOXELS else None
 
 
-def _calibrate_on_crops(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tuple[_Calibration, tuple] | None:
+def _calibrate_on_crops(
+    batch: torch.Tensor, fp32: _Runner, low: _Runner, head=None
+) -> tuple[_Calibration, tuple] | None:
     """The CPU trial: :func:`_calibrate` on the :func:`trial_crop` of each window; with the crops' size.
 
     On a 2-core CPU a whole trial batch in PyTorch's float32 costs as much as 4 OpenVINO windows, and keeping its
@@ -739,7 +843,7 @@ def _calibrate_on_crops(batch: torch.Tensor, fp32: _Runner, low: _Runner) -> tup
         return None
     crop = batch[(slice(None), slice(None), *(slice((r - c) // 2, (r - c) // 2 + c) for r, c in zip(roi, size)))]
     try:
-        calibration, reference = _calibrate(crop.contiguous(), fp32, low)
+        calibration, reference = _calibrate(crop.contiguous(), fp32, low, head)
     except (RuntimeError, ValueError, AssertionError) as error:  # how PyTorch and MONAI refuse an input size
         logger.debug("the trial runs on whole windows: the network refused a %s crop (%s)", size, error)
         return None
@@ -760,10 +864,12 @@ class _SlabStream:
     the host through pinned memory, the copy overlapping the next windows' work).
     """
 
-    def __init__(self, groups, roi, axis, shape, weights, out_dtype, calibration, on_device=None):
+    def __init__(self, groups, roi, axis, shape, weights, out_dtype, calibration, on_device=None, head=None):
         self.groups, self.roi, self.axis, self.shape = groups, roi, axis, shape
         self.weights, self.out_dtype, self.calibration = weights, out_dtype, calibration
         self.on_device = on_device
+        self.head = head  #: a :class:`_PointwiseHead`: windows return features, blended, then turned into logits
+        self.blended = 0  #: channels blended per voxel
         self.constant = bool(torch.all(weights == weights.flatten()[0]))  # MONAI's constant map: plain sums
         self.depth = slab_depth([s for g in groups for s in g], len(groups[0]), roi, axis, shape[axis])
         self.out: np.ndarray | torch.Tensor | None = None
@@ -828,7 +934,8 @@ class _SlabStream:
             self.out[target] = host.numpy()
 
     def _buffers(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classes = logits.shape[1]
+        self.blended = logits.shape[1]
+        classes = self.head.classes if self.head is not None else self.blended
         slab = list(self.shape)
         slab[self.axis] = self.depth
         if self.labels_only:  # labels on the windows' device (small); logits always in a slab
@@ -845,12 +952,13 @@ class _SlabStream:
             in_place = logits.device.type == "cpu" and self.out_dtype == np.float32
             if self.out is None:
                 self.out = np.empty((classes, *self.shape), dtype=np.float32 if in_place else self.out_dtype)
+        in_place = in_place and self.head is None  # features accumulate in a slab of their own
         self.slab = not in_place
         if in_place:
             acc = self.out if isinstance(self.out, torch.Tensor) else torch.from_numpy(self.out)
             acc.zero_()
         else:
-            acc = torch.zeros((classes, *slab), dtype=torch.float32, device=logits.device)
+            acc = torch.zeros((self.blended, *slab), dtype=torch.float32, device=logits.device)
         return acc, torch.zeros(slab, dtype=torch.float32, device=logits.device)
 
     def _along(self, start: int, stop: int, channels: bool) -> tuple[slice, ...]:
@@ -866,7 +974,8 @@ class _SlabStream:
         """
         bound = None if self.calibration is None else self.calibration.bound
         cross = int(np.prod(self.shape)) // self.shape[self.axis]
-        step = max(1, FLUSH_CHUNK_BYTES // max(1, acc.shape[0] * cross * 4))
+        channels = max(acc.shape[0], self.head.classes if self.head is not None else 0)
+        step = max(1, FLUSH_CHUNK_BYTES // max(1, channels * cross * 4))
         risky = bad = 0
         for offset in range(0, length, step):
             stop = min(offset + step, length)
@@ -878,6 +987,8 @@ class _SlabStream:
                 logits.div_(weights)
             if self.check_finite:
                 bad = bad + (~torch.isfinite(logits)).sum()
+            if self.head is not None:  # blended features: the head gives the blended logits
+                logits = self.head(logits)
             target = self._along(start + offset, start + stop, True)
             if self.labels_only:
                 index, margin = top_two(logits, 0)

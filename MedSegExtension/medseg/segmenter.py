@@ -110,9 +110,7 @@ class Segmenter:
         precision = self.inference.precision
         if precision == "auto":
             precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low_precision_for(self.device)]
-        return InferenceOptions(
-            precision=precision, window_batch=self.inference.window_batch, backend=self.inference.backend
-        )
+        return replace(self.inference, precision=precision, mirror_axes=())  # no mirroring in a preview
 
     def _restore_labels(self, probabilities, record, report: InferenceReport):
         """Labels on the input grid: on the GPU when inference ran there (K resamplings), else with SimpleITK.

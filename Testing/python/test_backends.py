@@ -67,6 +67,12 @@ def test_openvino_gives_pytorchs_logits_for_any_window_batch_and_caches_the_conv
     assert again.source == "cache"
     x = torch.randn(2, *WINDOW)
     torch.testing.assert_close(again(x), compiled(x))
+    # the check's rounding bound travels with the cached copy; float32 rounding: far below the logits' range
+    assert 0 < compiled.bound < 1e-3 and 0 < compiled.flips_per_risk <= 1
+    assert (again.bound, again.flips_per_risk) == (compiled.bound, compiled.flips_per_risk)
+    manifest = entry / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"check"', '"unchecked"'))  # an older cache's manifest
+    assert backends.openvino_network(copy.deepcopy(net), WINDOW).source == "converted"
 
 
 def test_changed_weights_or_window_get_their_own_conversion(own_cache):
@@ -243,3 +249,24 @@ def test_a_network_that_does_not_convert_runs_in_pytorch_with_a_note(own_cache):
     )
     np.testing.assert_array_equal(out, expected)
     assert not own_cache.exists() or not list(own_cache.iterdir())
+
+
+def test_an_openvino_run_within_its_rounding_of_ties_is_recomputed_in_pytorch():
+    """After an OpenVINO run, the voxels whose blended margin is within OpenVINO's rounding bound (from its check)
+    estimate how many labels its rounding could change; above the budget the run is redone in PyTorch. Here the
+    bound is raised to cover every voxel: the result is then PyTorch's, exactly."""
+    net = unet(seed=7, classes=2)
+    volume = np.random.default_rng(8).normal(size=(1, 60, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="constant")
+    fp32 = InferenceOptions("fp32")
+    report = InferenceReport()
+    sliding_window_probabilities(net, volume, settings, device=CPU, options=fp32, report=report)
+    assert report.backend == "openvino" and report.estimated_disagreement < 5e-4 and not report.notes
+    compiled = backends.openvino_network(net, (1, 24, 24, 24))  # the run's, held in memory
+    compiled.bound = 1e9  # every voxel within the bound of a tie
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=fp32, report=report)
+    assert report.backend == "torch" and report.at_risk_fraction == 1.0
+    assert "within OpenVINO's float32 rounding" in report.notes[0] and "recomputing in PyTorch" in report.notes[0]
+    exact = InferenceOptions("fp32", backend="torch")
+    np.testing.assert_array_equal(out, sliding_window_probabilities(net, volume, settings, device=CPU, options=exact))

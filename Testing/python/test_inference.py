@@ -25,7 +25,7 @@ from medseg.progress import RunControl
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
-from monai.networks.nets import UNETR, UNet
+from monai.networks.nets import UNETR, DynUNet, UNet
 
 CPU = torch.device("cpu")
 #: the float32 loop in PyTorch: these tests are about the windows and blending (test_backends.py covers OpenVINO)
@@ -457,6 +457,10 @@ def test_gpu_window_batch_comes_from_a_probe_within_the_budget_and_the_free_memo
     assert roomy.output_dtype(roomy.batch, np.float32) == np.float16
     roomy.voxels = 2**31
     assert roomy.output_dtype(roomy.batch, np.float32) is None
+    # a pointwise head's result has its classes, while the slab blends the 2 channels a window returns
+    cuda = torch.device("cuda")
+    headed = inference._plan_gpu_memory(runner, one, cuda, starts, roi, 2, shape, InferenceOptions(), 105)
+    assert headed.classes == 105 and headed.slab_bytes(1) == default.slab_bytes(1)
     assert inference._plan_gpu_memory(runner, one, CPU, starts, roi, 2, shape, InferenceOptions()) is None
     with pytest.raises(ValueError, match="gpu_memory_gib"):
         InferenceOptions(gpu_memory_gib=0)
@@ -477,8 +481,8 @@ def test_a_result_kept_on_the_device_matches_the_host_one(monkeypatch, dtype):
         sliding_window_probabilities(small_unet(), volume, settings, device=CPU, keep_on_device=True), np.ndarray
     )  # the CPU never keeps a tensor
 
-    def plan(runner, one, device, starts, roi, axis, shape, options):
-        return inference._GpuPlan(2, 2**40, 0, 3, int(np.prod(shape)), lambda batch: 0)
+    def plan(runner, one, device, starts, roi, axis, shape, options, classes=None):
+        return inference._GpuPlan(2, 2**40, 0, classes or 3, int(np.prod(shape)), lambda batch: 0)
 
     monkeypatch.setattr(inference, "_plan_gpu_memory", plan)
     kept = sliding_window_probabilities(
@@ -486,6 +490,24 @@ def test_a_result_kept_on_the_device_matches_the_host_one(monkeypatch, dtype):
     )
     assert isinstance(kept, torch.Tensor) and kept.dtype == torch.from_numpy(np.zeros(0, dtype)).dtype
     assert kept.shape == host.shape
+    np.testing.assert_allclose(kept.float().numpy(), host, atol=1e-6 if dtype == np.float32 else 1e-3)
+    # blended features: the slab holds the features, the result on the device the head's 12 classes
+    settings = replace(settings, roi_size=(32, 32, 32))
+    report = InferenceReport()
+    kept = sliding_window_probabilities(
+        many_class_dynunet(),
+        volume,
+        settings,
+        device=CPU,
+        options=FP32,
+        keep_on_device=True,
+        out_dtype=dtype,
+        report=report,
+    )
+    monkeypatch.undo()
+    host = sliding_window_probabilities(many_class_dynunet(), volume, settings, device=CPU, options=FP32)
+    assert isinstance(kept, torch.Tensor) and kept.shape == host.shape == (12, 30, 26, 40)
+    assert report.blended_channels == 8
     np.testing.assert_allclose(kept.float().numpy(), host, atol=1e-6 if dtype == np.float32 else 1e-3)
 
 
@@ -602,3 +624,72 @@ def test_labels_streamed_slab_by_slab_are_the_argmax_of_the_probabilities(shape)
     labels = inference.sliding_window_labels(small_unet(), volume, settings, device=CPU, options=FP32)
     assert isinstance(labels, np.ndarray) and labels.dtype == np.uint8 and labels.shape == shape
     np.testing.assert_array_equal(labels, probabilities.argmax(0))
+
+
+def many_class_dynunet(classes: int = 12, seed: int = 0) -> torch.nn.Module:
+    """nnU-Net's shape in small: a DynUNet whose 1x1x1 output block reads 8 features and writes ``classes``."""
+    torch.manual_seed(seed)
+    return DynUNet(
+        3, 1, classes, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[8, 16, 32, 64], norm_name="instance"
+    ).eval()
+
+
+def test_a_many_class_dynunet_blends_its_features_and_gives_monais_result():
+    """Blending is linear: blending DynUNet's 8 last features and applying its 1x1x1 output block afterwards gives
+    the blended logits of its 12 classes, so the slab holds 8 channels instead of 13."""
+    net = many_class_dynunet()
+    volume = np.random.default_rng(3).normal(size=(1, 70, 50, 44)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode="gaussian")
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(volume[None]), (32, 32, 32), 1, net, 0.25, "gaussian")
+    expected = torch.softmax(logits[0], 0).numpy()
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32, report=report)
+    assert report.blended_channels == 8 and out.shape == (12, 70, 50, 44)
+    assert np.abs(out - expected).max() < 1e-5
+    assert np.mean(out.argmax(0) == expected.argmax(0)) >= 0.99999  # near ties of an untrained net may flip
+    logits_blended = InferenceOptions("fp32", backend="torch", blend_features=False)
+    plain_report = InferenceReport()
+    plain = sliding_window_probabilities(net, volume, settings, device=CPU, options=logits_blended, report=plain_report)
+    assert plain_report.blended_channels == 12
+    np.testing.assert_allclose(out, plain, atol=1e-5)
+    labels = inference.sliding_window_labels(net, volume, settings, device=CPU, options=FP32)
+    assert np.mean(labels == expected.argmax(0)) >= 0.99999
+    # mirrored windows average their features as they would their logits
+    mirrored = InferenceOptions("fp32", backend="torch", mirror_axes=(0, 2))
+    settings = replace(settings, mirror_axes=(0, 1, 2))
+    both = [
+        sliding_window_probabilities(net, volume, settings, device=CPU, options=replace(mirrored, blend_features=f))
+        for f in (True, False)
+    ]
+    np.testing.assert_allclose(both[0], both[1], atol=1e-5)
+
+
+def test_feature_blending_is_left_out_where_it_would_not_save_channels():
+    net = many_class_dynunet(classes=3)  # 3 classes from 8 features: blending the logits is smaller
+    volume = np.random.default_rng(4).normal(size=(1, 40, 36, 36)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32, report=report)
+    assert report.blended_channels == 3
+    report = InferenceReport()
+    sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, report=report)
+    assert report.blended_channels == 3  # MONAI's UNet ends in a 3x3x3 convolution: no pointwise head
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
+def test_auto_precision_compares_the_heads_logits_when_features_are_blended():
+    """The trial turns both precisions' features into logits before it compares them: an untrained 12-class
+    DynUNet's near ties send it to float32, and the result is float32's."""
+    net = many_class_dynunet()
+    volume = np.random.default_rng(5).normal(size=(1, 96, 80, 64)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions(backend="torch"), report=report
+    )
+    assert report.blended_channels == 8 and report.calibration_disagreement > inference.DISAGREEMENT_BUDGET
+    assert report.precision == "fp32"
+    np.testing.assert_array_equal(out, sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32))
+    openvino = sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions("fp32"))
+    assert np.mean(openvino.argmax(0) == out.argmax(0)) >= 0.9999  # OpenVINO runs the features' part alone
