@@ -25,7 +25,7 @@ about 2e-4 of their range on that U-Net, and 2 voxels in 100 000 changed label o
   largest change of a top-class logit margin (:attr:`OpenVINONetwork.bound`) and the labels it changed per voxel
   within that bound of a tie. The engine counts, after each OpenVINO run, the voxels within the bound of a tie and
   redoes the run in PyTorch when too many could differ: on a CT's flat regions an untrained 105-class DynUNet's
-  near ties flip together (1.1 % of its labels at 128^3 windows), where the noise window showed 0.03 %. A cached
+  near ties flip together (1.3 % of its labels at 128^3 windows), where the noise window showed 0.03 %. A cached
   copy is read only if its files still have the SHA-256s recorded when it was written, and carries the check's
   figures in its manifest.
 * **Fallback.** When OpenVINO is not installed, the network does not convert or the check fails,

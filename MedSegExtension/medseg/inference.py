@@ -79,7 +79,7 @@ DEFAULT_GPU_MEMORY_GIB = 6.0
 GPU_TRIAL_WINDOWS = 2
 #: OpenVINO's float32 windows: at least this many labels are assumed to change per voxel within its rounding of a
 #: tie. Its check window (seeded noise) shows 0.02 for the untrained U-Net and DynUNet, but on a CT the flat regions
-#: tie together: there 0.16 (U-Net, 2 classes) and 0.6 (DynUNet, 105 classes) changed per such voxel.
+#: tie together: there 0.16 (U-Net, 2 classes) and about 0.6 (DynUNet, 105 classes) changed per such voxel.
 OPENVINO_MIN_FLIPS_PER_RISK = 0.25
 #: The CPU trial runs on central crops of its windows only when a crop keeps at least this many voxels: enough
 #: labels to resolve the 0.05 % budget (16 voxels in 32 768). A smaller window's whole trial costs little anyway.
@@ -701,13 +701,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         on_device = None
         if plan is not None and keep_on_device and not labels_only:
             on_device = plan.output_dtype(batch, np.dtype(out_dtype))
-        openvino = runner.network if isinstance(runner.network, backends.OpenVINONetwork) else None
+        openvino = _openvino_calibration(runner)
         if openvino is not None:  # float32 in OpenVINO: how near a tie its rounding (from its check) could flip
-            calibration = _Calibration(
-                bound=openvino.bound,
-                disagreement=0.0,
-                flips_per_risk=max(openvino.flips_per_risk, OPENVINO_MIN_FLIPS_PER_RISK),
-            )
+            calibration = openvino
         stream = _SlabStream(
             groups, roi, axis, padded_shape, weights, np.dtype(out_dtype), calibration, on_device, head=head
         )
@@ -725,10 +721,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             estimate = at_risk * calibration.flips_per_risk
             report.at_risk_fraction, report.estimated_disagreement = at_risk, estimate
             if estimate > DISAGREEMENT_BUDGET and openvino is not None:
-                redo = (
-                    f"{at_risk:.3%} of the voxels are within OpenVINO's float32 rounding ({openvino.bound:.1e} of a "
-                    f"logit margin) of a tie, about {estimate:.3%} could differ from PyTorch's; recomputing in PyTorch"
-                )
+                redo = _openvino_redo(at_risk, openvino)
             elif estimate > DISAGREEMENT_BUDGET:
                 redo = (
                     f"{at_risk:.3%} of the voxels are within {report.precision}'s error bound, about {estimate:.3%} "
@@ -742,7 +735,15 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             rerun = fp32 if openvino is not None else whole_fp32()
             if openvino is not None:
                 report.backend = "torch"
-            stream.run(lambda i, g: rerun(stacked(g)), quiet)
+            stream.calibration = _openvino_calibration(rerun)  # a low-precision run redone in OpenVINO: check it too
+            at_risk = stream.run(lambda i, g: rerun(stacked(g)), quiet)
+            if stream.calibration is not None:
+                estimate = at_risk * stream.calibration.flips_per_risk
+                report.at_risk_fraction, report.estimated_disagreement = at_risk, estimate
+                if estimate > DISAGREEMENT_BUDGET:
+                    _note(report, _openvino_redo(at_risk, stream.calibration))
+                    report.backend, stream.calibration = "torch", None
+                    stream.run(lambda i, g: fp32(stacked(g)), quiet)
     report.blended_channels = stream.blended
     out = stream.out
     if any(a or b for a, b in pads):
@@ -750,6 +751,23 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         out = out[(*lead, *(slice(a, a + s) for (a, _), s in zip(pads, spatial)))]
         out = out.contiguous() if isinstance(out, torch.Tensor) else np.ascontiguousarray(out)
     return out
+
+
+def _openvino_calibration(runner: _Runner) -> _Calibration | None:
+    """For a runner in OpenVINO, its rounding as an error bound (from its conversion check); else None."""
+    compiled = runner.network
+    if not isinstance(compiled, backends.OpenVINONetwork):
+        return None
+    flips = max(compiled.flips_per_risk, OPENVINO_MIN_FLIPS_PER_RISK)
+    return _Calibration(bound=compiled.bound, disagreement=0.0, flips_per_risk=flips)
+
+
+def _openvino_redo(at_risk: float, calibration: _Calibration) -> str:
+    estimate = at_risk * calibration.flips_per_risk
+    return (
+        f"{at_risk:.3%} of the voxels are within OpenVINO's float32 rounding ({calibration.bound:.1e} of a logit "
+        f"margin) of a tie, about {estimate:.3%} could differ from PyTorch's; recomputing in PyTorch"
+    )
 
 
 @contextlib.contextmanager
