@@ -351,6 +351,11 @@ def _refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_label(dice: dict) -> str:
+    """``{label name: Dice}`` as one line: ``Anterior hippocampus 0.902, Posterior hippocampus 0.888``."""
+    return ", ".join(f"{name} {value:.3f}" for name, value in dice.items())
+
+
 def _models(args: argparse.Namespace) -> int:
     from .models.registry import list_models
 
@@ -387,14 +392,13 @@ def _models(args: argparse.Namespace) -> int:
         validation = card.training.get("validation") or {}
         if validation.get("mean"):
             held_out = f" ({validation['cases']} held-out cases)" if validation.get("cases") else ""
-            print(f"    validation Dice{held_out}: {', '.join(f'{k} {v:.3f}' for k, v in validation['mean'].items())}")
+            print(f"    validation Dice{held_out}: {_per_label(validation['mean'])}")
         cross = card.training.get("cross_validation") or {}
         if cross.get("mean"):
             folds = f"{cross['folds']}-fold cross-validated Dice"
-            print(f"    {folds}: {', '.join(f'{k} {v:.3f}' for k, v in cross['mean'].items())}")
+            print(f"    {folds}: {_per_label(cross['mean'])}")
             if cross.get("mirrored"):
-                mirrored = cross["mirrored"]["mean"]
-                print(f"    {folds} with --tta: {', '.join(f'{k} {v:.3f}' for k, v in mirrored.items())}")
+                print(f"    {folds} with --tta: {_per_label(cross['mirrored']['mean'])}")
     return 0
 
 

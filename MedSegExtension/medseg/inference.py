@@ -701,9 +701,8 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         on_device = None
         if plan is not None and keep_on_device and not labels_only:
             on_device = plan.output_dtype(batch, np.dtype(out_dtype))
-        openvino = _openvino_calibration(runner)
-        if openvino is not None:  # float32 in OpenVINO: how near a tie its rounding (from its check) could flip
-            calibration = openvino
+        rounding = _openvino_rounding(runner)  # float32 in OpenVINO: how near a tie its rounding could flip a label
+        calibration = rounding or calibration
         stream = _SlabStream(
             groups, roi, axis, padded_shape, weights, np.dtype(out_dtype), calibration, on_device, head=head
         )
@@ -717,33 +716,22 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             redo = (
                 f"{report.precision} overflowed in {stream.nonfinite} voxels (float16's range); recomputing in float32"
             )
-        elif calibration is not None:
-            estimate = at_risk * calibration.flips_per_risk
-            report.at_risk_fraction, report.estimated_disagreement = at_risk, estimate
-            if estimate > DISAGREEMENT_BUDGET and openvino is not None:
-                redo = _openvino_redo(at_risk, openvino)
-            elif estimate > DISAGREEMENT_BUDGET:
-                redo = (
-                    f"{at_risk:.3%} of the voxels are within {report.precision}'s error bound, about {estimate:.3%} "
-                    "could differ from float32; recomputing in float32"
-                )
+        elif calibration is not None and _estimate(report, at_risk, calibration) > DISAGREEMENT_BUDGET:
+            redo = _too_near_ties(report, calibration, openvino=rounding is not None)
         if redo is not None:
             _note(report, redo)
             report.precision = "fp32"
-            stream.calibration, stream.check_finite = None, False
+            stream.check_finite = False
             quiet = RunControl(cancel_event=control.cancel_event)  # progress already reached 1; keep cancel
-            rerun = fp32 if openvino is not None else whole_fp32()
-            if openvino is not None:
+            rerun = fp32 if rounding is not None else whole_fp32()
+            if rounding is not None:
                 report.backend = "torch"
-            stream.calibration = _openvino_calibration(rerun)  # a low-precision run redone in OpenVINO: check it too
+            stream.calibration = _openvino_rounding(rerun)  # a low-precision run redone in OpenVINO: check it too
             at_risk = stream.run(lambda i, g: rerun(stacked(g)), quiet)
-            if stream.calibration is not None:
-                estimate = at_risk * stream.calibration.flips_per_risk
-                report.at_risk_fraction, report.estimated_disagreement = at_risk, estimate
-                if estimate > DISAGREEMENT_BUDGET:
-                    _note(report, _openvino_redo(at_risk, stream.calibration))
-                    report.backend, stream.calibration = "torch", None
-                    stream.run(lambda i, g: fp32(stacked(g)), quiet)
+            if stream.calibration is not None and _estimate(report, at_risk, stream.calibration) > DISAGREEMENT_BUDGET:
+                _note(report, _too_near_ties(report, stream.calibration, openvino=True))
+                report.backend, stream.calibration = "torch", None
+                stream.run(lambda i, g: fp32(stacked(g)), quiet)
     report.blended_channels = stream.blended
     out = stream.out
     if any(a or b for a, b in pads):
@@ -753,7 +741,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     return out
 
 
-def _openvino_calibration(runner: _Runner) -> _Calibration | None:
+def _openvino_rounding(runner: _Runner) -> _Calibration | None:
     """For a runner in OpenVINO, its rounding as an error bound (from its conversion check); else None."""
     compiled = runner.network
     if not isinstance(compiled, backends.OpenVINONetwork):
@@ -762,11 +750,24 @@ def _openvino_calibration(runner: _Runner) -> _Calibration | None:
     return _Calibration(bound=compiled.bound, disagreement=0.0, flips_per_risk=flips)
 
 
-def _openvino_redo(at_risk: float, calibration: _Calibration) -> str:
-    estimate = at_risk * calibration.flips_per_risk
+def _estimate(report: InferenceReport, at_risk: float, calibration: _Calibration) -> float:
+    """The fraction of labels that could differ from float32 in PyTorch: the voxels within the error bound of a
+    tie, times the flips per such voxel. Recorded in ``report``."""
+    report.at_risk_fraction, report.estimated_disagreement = at_risk, at_risk * calibration.flips_per_risk
+    return report.estimated_disagreement
+
+
+def _too_near_ties(report: InferenceReport, calibration: _Calibration, openvino: bool) -> str:
+    """Why a run that :func:`_estimate` found too near ties is redone."""
+    at_risk, estimate = report.at_risk_fraction, report.estimated_disagreement
+    if openvino:
+        return (
+            f"{at_risk:.3%} of the voxels are within OpenVINO's float32 rounding ({calibration.bound:.1e} of a logit "
+            f"margin) of a tie, about {estimate:.3%} could differ from PyTorch's; recomputing in PyTorch"
+        )
     return (
-        f"{at_risk:.3%} of the voxels are within OpenVINO's float32 rounding ({calibration.bound:.1e} of a logit "
-        f"margin) of a tie, about {estimate:.3%} could differ from PyTorch's; recomputing in PyTorch"
+        f"{at_risk:.3%} of the voxels are within {report.precision}'s error bound, about {estimate:.3%} could differ "
+        "from float32; recomputing in float32"
     )
 
 
@@ -813,20 +814,25 @@ def _central_group(groups, shape, roi) -> int:
     )
 
 
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> _Calibration:
+    """How far ``candidate``'s (N, K, ...) logits moved from ``reference``'s: the largest change of a top-class margin
+    (the error bound), the labels that changed, and the changes per voxel within the bound of a tie. Used for low
+    precision (the trial) and for OpenVINO's float32 (its conversion check)."""
+    top, margin = top_two(reference, 1)
+    change = candidate - reference
+    bound = float((change - change.gather(1, top[:, None].long())).abs().max())
+    flips = int((top_two(candidate, 1)[0] != top).sum())
+    at_risk = int((margin < bound).sum())
+    return _Calibration(bound=bound, disagreement=flips / top.numel(), flips_per_risk=max(flips, 1) / max(at_risk, 1))
+
+
 def _calibrate(batch: torch.Tensor, fp32: _Runner, low: _Runner, head=None) -> tuple[_Calibration, torch.Tensor]:
     """Run one window batch in float32 and in low precision and compare their logits (``head`` turns the runners'
     features into logits); also returns what the float32 runner returned, for the stream to blend."""
     output = fp32(batch)
     reference = head(output) if head is not None else output
     candidate = head(low(batch)) if head is not None else low(batch)
-    top, margin = top_two(reference, 1)
-    change = candidate - reference
-    bound = float((change - change.gather(1, top[:, None].long())).abs().max())
-    flips = int((top_two(candidate, 1)[0] != top).sum())
-    voxels = top.numel()
-    at_risk = int((margin < bound).sum())
-    trial = _Calibration(bound=bound, disagreement=flips / voxels, flips_per_risk=max(flips, 1) / max(at_risk, 1))
-    return trial, output
+    return compare_logits(reference, candidate), output
 
 
 def trial_crop(roi: Sequence[int]) -> tuple[int, ...] | None:

@@ -77,6 +77,28 @@ def write_model_folder(folder: Path, **overrides) -> Path:
     return folder
 
 
+class Confident(torch.nn.Module):
+    """A convolution whose logits are far apart except at the edge of a bright object (a trained model's shape)."""
+
+    def __init__(self, gain: float = 40.0) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(gain / 27)
+
+    def forward(self, x):
+        score = self.conv(x - 0.5)
+        return torch.cat([-score, score], dim=1)
+
+
+def unsure_but_for_a_confident_middle() -> np.ndarray:
+    """(1, 64, 24, 24): on :class:`Confident`'s decision boundary but for a confident middle, where the trial runs."""
+    volume = np.full((1, 64, 24, 24), 0.5, np.float32)  # exactly on the decision boundary
+    volume += np.random.default_rng(0).normal(0, 0.01, volume.shape).astype(np.float32)
+    volume[:, 24:40] = 1.0
+    return volume
+
+
 class ThresholdNet(torch.nn.Module):
     """Logits that make class 1 where the normalised input is above ``level``, else background.
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import cpu_has_fast_bf16
+from helpers import Confident, cpu_has_fast_bf16, unsure_but_for_a_confident_middle
 from medseg import backends
 from medseg.errors import MedSegError
 from medseg.inference import (
@@ -277,22 +277,8 @@ def test_an_openvino_run_within_its_rounding_of_ties_is_recomputed_in_pytorch():
 def test_a_low_precision_run_redone_in_openvino_is_checked_against_its_rounding_too():
     """Confident at the centre (the trial passes bf16), nearly tied elsewhere: the bf16 run is redone in float32,
     which goes to OpenVINO; with a rounding bound that covers every voxel, that float32 run is redone in PyTorch."""
-
-    class Confident(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
-            with torch.no_grad():
-                self.conv.weight.fill_(40.0 / 27)
-
-        def forward(self, x):
-            score = self.conv(x - 0.5)
-            return torch.cat([-score, score], dim=1)
-
     net = Confident().eval()
-    volume = np.full((1, 64, 24, 24), 0.5, np.float32)  # on the decision boundary
-    volume += np.random.default_rng(0).normal(0, 0.01, volume.shape).astype(np.float32)
-    volume[:, 24:40] = 1.0  # a confident middle, where the trial runs
+    volume = unsure_but_for_a_confident_middle()
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
     backends.openvino_network(net, (1, 16, 16, 16)).bound = 1e9  # the run's compiled network, held in memory
     report = InferenceReport()

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import ThresholdNet, cpu_has_fast_bf16
+from helpers import Confident, ThresholdNet, cpu_has_fast_bf16, unsure_but_for_a_confident_middle
 from medseg import inference
 from medseg.errors import CancelledError
 from medseg.inference import (
@@ -50,20 +50,6 @@ class Counting(torch.nn.Module):
         self.calls += 1
         self.windows += x.shape[0]
         return self.inner(x)
-
-
-class Confident(torch.nn.Module):
-    """A convolution whose logits are far apart except at the edge of a bright object (a trained model's shape)."""
-
-    def __init__(self, gain: float = 40.0) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
-        with torch.no_grad():
-            self.conv.weight.fill_(gain / 27)
-
-    def forward(self, x):
-        score = self.conv(x - 0.5)
-        return torch.cat([-score, score], dim=1)
 
 
 def small_unet(classes: int = 3) -> torch.nn.Module:
@@ -375,9 +361,7 @@ def test_the_cpu_trial_runs_on_the_central_half_of_its_windows_unless_the_networ
 def test_auto_redoes_the_run_in_float32_when_the_rest_of_the_volume_is_unsure():
     """Confident at the centre (the trial), nearly tied elsewhere: the after-run estimate sends it back to float32."""
     net = Confident()
-    volume = np.full((1, 64, 24, 24), 0.5, np.float32)  # exactly on the decision boundary
-    volume += np.random.default_rng(0).normal(0, 0.01, volume.shape).astype(np.float32)
-    volume[:, 24:40] = 1.0  # a confident middle, where the trial runs
+    volume = unsure_but_for_a_confident_middle()
     settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
     report = InferenceReport()
     auto = InferenceOptions(backend="torch")  # the float32 rerun in the same backend as FP32: equal arrays
