@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from . import backends
+from . import backends, rewrite
 from .errors import MedSegError
 from .models.card import InferenceSettings, valid_axes
 from .progress import RunControl
@@ -311,6 +311,9 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 def _top_two_running(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     classes = logits.unbind(dim)
+    if len(classes) == 2:  # two classes: one comparison and one difference
+        first, second = classes
+        return (second > first).to(torch.uint8), (second - first).abs_()
     best = classes[0].clone()
     index = torch.zeros(best.shape, dtype=_index_dtype(len(classes)), device=best.device)
     second = torch.full_like(best, float("-inf"))
@@ -632,7 +635,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     def whole_fp32() -> _Runner:  # what runs a volume's float32 windows; converted only when first needed
         return _float32_runner(body, device, options, (volume.shape[0], *roi), fp32, report, head)
 
-    runner = _Runner(body, device, low, options.mirror_axes) if low is not None else None
+    # low-precision windows on the CPU: few-channel transposed convolutions as sub-pixel ones (same function, faster)
+    low_body = rewrite.for_cpu(body, float32=False) if device.type == "cpu" else body
+    runner = _Runner(low_body, device, low, options.mirror_axes) if low is not None else None
 
     def window(start) -> torch.Tensor:
         return x[(slice(None), *(slice(s, s + r) for s, r in zip(start, roi)))]
@@ -673,7 +678,8 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                 if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
                     known[group] = reference
                 del reference
-            release_memory()  # the float32 trial's activations: give them back before the batches allocate theirs
+            if crops is None:  # whole float32 trial windows' activations: give them back before the batches'
+                release_memory()  # not after crops: small, and memory given back is faulted in again (0.04 s)
             report.error_bound = calibration.bound
             report.calibration_disagreement = calibration.disagreement
             if calibration.disagreement > DISAGREEMENT_BUDGET:
@@ -841,6 +847,10 @@ def trial_crop(roi: Sequence[int]) -> tuple[int, ...] | None:
     About half the window along each axis (an eighth of the work), rounded down to a multiple of the largest power
     of two, up to 16, that divides the window, so that a network's downsampling still fits the crop: 96 -> 48,
     128 -> 64, 40 -> 16, 56 -> 24. None when that leaves fewer than :data:`MIN_TRIAL_CROP_VOXELS`.
+
+    Not a third: on the CT-fitted U-Net (96^3 windows) 32^3 crops made bfloat16 look worse than it is (0.105 % of
+    the crops' labels changed, against 0.017 % on 48^3 crops and 0.004 % over the whole run), because so
+    small a crop leaves the network's deepest level with 2^3 voxels of mostly padding.
     """
     size = []
     for r in roi:

@@ -257,7 +257,7 @@ def test_options_are_checked():
 
 
 @pytest.mark.parametrize("way", ["top_two", "_top_two_running", "_top_two_reduced"])
-@pytest.mark.parametrize("classes", [7, 300])
+@pytest.mark.parametrize("classes", [2, 7, 300])
 def test_top_two_matches_torch_on_ties_and_many_classes(way, classes):
     """The CPU's running pass and the GPU's reductions (run here on the CPU) give argmax's index and the margin."""
     rng = np.random.default_rng(0)
