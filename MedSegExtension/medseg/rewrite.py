@@ -130,7 +130,13 @@ def folded_residual(unit: torch.nn.Module) -> torch.nn.Conv3d | None:
     if any(k % 2 == 0 or int(p) != k // 2 for k, p in zip(kernel, conv.padding)):  # output on the input's grid
         return None
     folded = torch.nn.Conv3d(
-        conv.in_channels, conv.out_channels, kernel, padding=conv.padding, bias=conv.bias is not None
+        conv.in_channels,
+        conv.out_channels,
+        kernel,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     with torch.no_grad():
         weight = conv.weight.detach().clone()
@@ -140,7 +146,7 @@ def folded_residual(unit: torch.nn.Module) -> torch.nn.Conv3d | None:
         folded.weight.copy_(weight)
         if conv.bias is not None:
             folded.bias.copy_(conv.bias.detach())
-    return folded.to(conv.weight.device).eval().requires_grad_(False)
+    return folded.eval().requires_grad_(False)
 
 
 def _rewritten_module(child: torch.nn.Module, fold: bool) -> torch.nn.Module | None:

@@ -92,6 +92,9 @@ def test_a_residual_unit_with_a_norm_or_a_projection_is_not_folded():
     x = torch.randn(1, 4, 9, 8, 7)
     with torch.inference_mode():
         torch.testing.assert_close(folded(x), plain(x), rtol=0, atol=1e-5 * float(plain(x).abs().max()))
+    double = ResidualUnit(3, 4, 4, subunits=1, last_conv_only=True).eval().double()
+    with torch.inference_mode():  # the folded convolution keeps the unit's dtype: no float32 rounding on the way
+        torch.testing.assert_close(rewrite.folded_residual(double)(x.double()), double(x.double()), rtol=0, atol=1e-12)
     assert rewrite.folded_residual(ResidualUnit(3, 4, 4, subunits=1)) is None  # norm and activation after the conv
     assert rewrite.folded_residual(ResidualUnit(3, 4, 8, subunits=1, last_conv_only=True)) is None  # a projection
     assert rewrite.folded_residual(ResidualUnit(3, 4, 4, strides=2, subunits=1, last_conv_only=True)) is None
