@@ -282,7 +282,7 @@ def openvino_network(
     threads = threads or torch.get_num_threads()
     input_shape = tuple(int(v) for v in input_shape)
     # in memory, keyed by where the weights are and their in-place-change counters: no hashing on a repeat run
-    state = tuple((t.data_ptr(), t._version) for t in network.state_dict().values())
+    state = rewrite.weights_state(network)
     with _lock:
         held = _memory.setdefault(network, {})
         if (state, input_shape, threads) in held:

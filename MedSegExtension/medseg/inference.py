@@ -33,7 +33,7 @@ plain MONAI's to rounding. What differs is how the work is done:
   result there (``keep_on_device``) when it fits the budget: the logits then accumulate in it. A caller that wants
   labels on the network's grid gets them slab by slab (``labels_only``: no class maps at all). The input goes to
   the GPU once, from pinned memory.
-* **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about 1.5x PyTorch's
+* **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about twice PyTorch's
   speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`). The trial's float32
   reference runs in PyTorch, so a model that passes the trial never pays for the conversion.
 * **Cached blending weights** per window size and mode.
@@ -678,8 +678,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                 if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
                     known[group] = reference
                 del reference
-            if crops is None:  # whole float32 trial windows' activations: give them back before the batches'
-                release_memory()  # not after crops: small, and memory given back is faulted in again (0.04 s)
+                # whole float32 trial windows' activations: give them back before the batches allocate theirs (not
+                # after crops: small, and memory given back is faulted in again by the next windows, 0.04 s)
+                release_memory()
             report.error_bound = calibration.bound
             report.calibration_disagreement = calibration.disagreement
             if calibration.disagreement > DISAGREEMENT_BUDGET:
