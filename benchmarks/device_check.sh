@@ -8,7 +8,7 @@
 # Three files land in $OUT (the device tool brings back at most 8): results.jsonl (one line per row: the smoke check
 # of the bundled sample on the GPU against the CPU, benchmarks/inference.py's rows and summaries, each tagged with
 # its step, and how each step ended), stderr.log, and nvidia-smi.txt.
-# Steps, most important first: smoke unet dynunet dynunet-long segresnet unet-e2e (all by default: about 13.5 minutes
+# Steps, most important first: smoke unet dynunet dynunet-long segresnet unet-e2e io (all by default: about 15 minutes
 # by their time limits, more than one lease holds; pick some with STEPS="smoke unet"). Each benchmark variant is a
 # child process that costs 10 to 30 s of imports, CUDA start-up and cuDNN autotuning before it times anything. The
 # network-part steps use a synthetic CT on the untrained models' own grid (1.5 x 1.5 x 2 mm), so the network runs on
@@ -16,7 +16,7 @@
 # QUICK=1 DEVICE=cpu runs the same steps on small inputs, to check the script itself on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="monai==1.6.1 SimpleITK==2.5.7 PyMaxflow==1.3.2 nibabel==5.4.2"
+WHEELS="monai==1.6.1 SimpleITK==2.5.7 PyMaxflow==1.3.2 nibabel==5.4.2 isal==1.9.1"
 
 if [ "${1:-}" = "--download" ]; then
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -47,7 +47,7 @@ else
     CT=(512 512 320); LARGE=(512 512 1000); MID=(272 272 224); ROI=(96 96 96); BIG_ROI=(128 128 128); REPEATS=3
 fi
 
-STEPS=${STEPS:-smoke unet dynunet dynunet-long segresnet unet-e2e}
+STEPS=${STEPS:-smoke unet dynunet dynunet-long segresnet unet-e2e io}
 step() {  # name, seconds, command...: run with a time limit, keep going whatever happens, log how it ended
     local name=$1 limit=$2
     shift 2
@@ -100,4 +100,6 @@ bench segresnet 120 --model segresnet --classes 2 --shape "${CT[@]}" "${GRID[@]}
     --variants monai medseg medseg-fp32
 # 5. End to end, file in and file out, against the tutorial-style pipeline on a CT that is resampled.
 REPEATS=1 bench unet-e2e 150 --model unet --classes 2 --shape "${CT[@]}" --roi "${ROI[@]}" --variants tutorial medseg
+# 6. Reading and writing compressed volumes against ITK's reader and writer, on this machine's cores.
+step io 90 "$PYTHON" benchmarks/nifti_io.py --repeats 1 --shape "${CT[@]}"
 echo "done; results in $OUT"

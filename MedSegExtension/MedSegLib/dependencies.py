@@ -28,6 +28,7 @@ ENGINE_REQUIREMENTS = (
     Requirement("tqdm", "tqdm"),
     Requirement("einops", "einops"),
     Requirement("maxflow", "PyMaxflow"),
+    Requirement("isal", "isal"),  # faster .nii.gz; the engine falls back to zlib without it
 )
 
 #: Distributions Slicer ships and pip must never replace.

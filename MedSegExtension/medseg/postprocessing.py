@@ -25,14 +25,16 @@ def _uncrop_foreground(array: np.ndarray, record: PreprocessRecord, fill: Sequen
     return full
 
 
-def _restore_channel(channel: np.ndarray, record: PreprocessRecord, fill: float) -> np.ndarray:
-    """One (X, Y, Z) probability channel from the network grid onto the input grid (linear), float32."""
+def _restore_channel(channel: np.ndarray, record: PreprocessRecord, fill: float, *, copy: bool = True) -> np.ndarray:
+    """One (X, Y, Z) probability channel from the network grid onto the input grid (linear), float32; with
+    ``copy=False`` it may be a read-only view of the resampled image's voxels."""
     channel = _uncrop_foreground(channel[None].astype(np.float32, copy=False), record, [fill])[0]
-    return _paste_roi(_to_cropped_input_grid(channel, record, interpolator=sitk.sitkLinear, default=fill), record, fill)
+    restored = _to_cropped_input_grid(channel, record, interpolator=sitk.sitkLinear, default=fill, copy=copy)
+    return _paste_roi(restored, record, fill)
 
 
 def _to_cropped_input_grid(
-    channel: np.ndarray, record: PreprocessRecord, *, interpolator: int, default: float
+    channel: np.ndarray, record: PreprocessRecord, *, interpolator: int, default: float, copy: bool = True
 ) -> np.ndarray:
     """Map one (X, Y, Z) channel from the (uncropped) network grid to the ROI-cropped input grid."""
     image = network_array_to_image(channel, record.resampled_reference)
@@ -41,12 +43,23 @@ def _to_cropped_input_grid(
     else:
         # Only axes were permuted and flipped: undo exactly, then snap the geometry to the input's.
         image = record.cropped_reference.apply(reorient(image, record.original_orientation))
-    return _xyz(image)
+    return _xyz(image, copy=copy)
 
 
-def _xyz(image: sitk.Image) -> np.ndarray:
-    """(X, Y, Z) view of a copy of the voxels: a plain copy, then a free transpose (a strided copy is 4x slower)."""
-    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+class _Voxels:
+    """An image's voxel buffer for numpy: an array made from it keeps the image, and so its buffer, alive."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def _xyz(image: sitk.Image, *, copy: bool = True) -> np.ndarray:
+    """(X, Y, Z) view of a copy of the voxels: a plain copy, then a free transpose (a strided copy is 4x slower).
+    With ``copy=False``, a read-only view of the image's own voxels: no second input-grid array."""
+    if copy:
+        return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    return np.asarray(_Voxels(image)).transpose(2, 1, 0)
 
 
 def _paste_roi(array: np.ndarray, record: PreprocessRecord, fill: float) -> np.ndarray:
@@ -69,12 +82,12 @@ def restore_probabilities(probabilities: np.ndarray, record: PreprocessRecord) -
 def restore_argmax(probabilities: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """``restore_probabilities(...).argmax(0)`` as uint8, one class at a time.
 
-    Holds one restored channel, the running maximum and the labels on the input grid instead of all C channels;
-    ties go to the lower class, as ``argmax`` gives them.
+    Holds one restored channel (the resampled image's own voxels), the running maximum and the labels on the input
+    grid instead of all C channels; ties go to the lower class, as ``argmax`` gives them.
     """
     best = labels = None
     for k, channel in enumerate(probabilities):
-        restored = _restore_channel(channel, record, 1.0 if k == 0 else 0.0)
+        restored = _restore_channel(channel, record, 1.0 if k == 0 else 0.0, copy=k == 0)  # the first: the maximum
         if best is None:
             best, labels = restored, np.zeros_like(restored, dtype=np.uint8)  # same memory order as the channels
             continue

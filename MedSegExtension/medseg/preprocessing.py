@@ -110,8 +110,8 @@ class Geometry:
         origin = np.array(self.origin) + matrix @ (np.array(box.start) * np.array(self.spacing))
         return Geometry(tuple(box.size), self.spacing, tuple(float(v) for v in origin), self.direction)
 
-    def resample(self, image: sitk.Image, interpolator: int, default: float) -> sitk.Image:
-        """``image`` resampled onto this grid (identity transform)."""
+    def resample(self, image: sitk.Image, interpolator: int, default: float, pixel_id: int | None = None) -> sitk.Image:
+        """``image`` resampled onto this grid (identity transform), as ``pixel_id`` (by default its own type)."""
         return sitk.Resample(
             image,
             [int(v) for v in self.size],
@@ -121,7 +121,7 @@ class Geometry:
             self.spacing,
             self.direction,
             default,
-            image.GetPixelID(),
+            image.GetPixelID() if pixel_id is None else pixel_id,
         )
 
 
@@ -137,6 +137,21 @@ class PreprocessRecord:
     resampled_reference: Geometry  #: the reoriented (and resampled) grid, before the foreground crop
     network_reference: Geometry  #: the grid of the network array, after resampling and foreground crop
     foreground_box: IndexBox | None
+
+
+#: Pixel types whose every value float32 holds exactly.
+EXACT_IN_FLOAT32 = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkFloat32)
+WIDE_INTEGERS = (sitk.sitkInt32, sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64)
+
+
+def exact_in_float32(image: sitk.Image) -> bool:
+    """Whether float32 holds each of the image's values exactly: its type, or integers within ±2**24."""
+    if image.GetPixelID() in EXACT_IN_FLOAT32:
+        return True
+    if image.GetPixelID() in WIDE_INTEGERS:
+        array = sitk.GetArrayViewFromImage(image)
+        return bool(array.size) and -(2**24) <= int(array.min()) and int(array.max()) <= 2**24
+    return False
 
 
 def orientation_code(image: sitk.Image) -> str:
@@ -168,10 +183,11 @@ def resampled_geometry(image: sitk.Image, spacing: Sequence[float]) -> Geometry:
 
 
 def resample_to_spacing(
-    image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear
+    image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear, pixel_id: int | None = None
 ) -> sitk.Image:
-    """Resample ``image`` to ``spacing`` (mm, x y z) over the same physical extent, keeping origin and direction."""
-    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0)
+    """Resample ``image`` to ``spacing`` (mm, x y z) over the same physical extent, keeping origin and direction;
+    the result has ``pixel_id`` (by default the image's own type)."""
+    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0, pixel_id)
 
 
 def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) -> np.ndarray:
@@ -225,18 +241,24 @@ def network_array_to_image(array_xyz: np.ndarray, reference: sitk.Image | Geomet
     return Geometry.of(reference).apply(image)
 
 
-def normalize_intensity(array: np.ndarray, spec: Normalization) -> np.ndarray:
+def normalize_intensity(array: np.ndarray, spec: Normalization, *, out: np.ndarray | None = None) -> np.ndarray:
     """Per-image intensity normalisation of one channel, as the model card says (float32 out).
 
     ``zscore`` uses the mean and standard deviation of the (percentile-clipped) voxels, so images whose
-    intensity scales differ by orders of magnitude land on one scale.
+    intensity scales differ by orders of magnitude land on one scale. With ``out`` (float32, the array's shape)
+    the result is written there; ``range`` then needs no other array.
     """
     array = array.astype(np.float32, copy=False)
+    if out is None:
+        out = np.empty(array.shape, np.float32)
     if spec.method == "none":
-        return array
-    if spec.method == "range":
-        clipped = np.clip(array, spec.a_min, spec.a_max)
-        return ((clipped - spec.a_min) / max(spec.a_max - spec.a_min, 1e-6)).astype(np.float32)
+        out[...] = array
+        return out
+    if spec.method == "range":  # in place, in float32 as (clip(x) - a_min) / scale would be
+        np.clip(array, spec.a_min, spec.a_max, out=out)
+        out -= spec.a_min
+        out /= max(spec.a_max - spec.a_min, 1e-6)
+        return out
     sample = array[array != 0] if spec.nonzero else array.ravel()
     if sample.size == 0:
         sample = array.ravel()
@@ -246,10 +268,11 @@ def normalize_intensity(array: np.ndarray, spec: Normalization) -> np.ndarray:
         sample = np.clip(sample, low, high)
     mean = float(sample.mean())
     std = float(sample.std())
-    out = (array - mean) / max(std, 1e-6)
+    result = (array - mean) / max(std, 1e-6)
     if spec.nonzero:
-        out = np.where(array != 0, out, 0.0)
-    return out.astype(np.float32)
+        result = np.where(array != 0, result, 0.0)
+    out[...] = result
+    return out
 
 
 def preprocess(
@@ -272,22 +295,31 @@ def preprocess(
         images = [crop(image, roi) for image in images]
     cropped_reference = Geometry.of(images[0])
     original_orientation = orientation_code(images[0])
-    images = [reorient(sitk.Cast(image, sitk.sitkFloat32), spec.orientation) for image in images]
+    # float32 at the input's resolution would be twice a CT's int16: values float32 holds exactly stay in their
+    # type until the resampling (ITK interpolates in double either way) or the network array: the same numbers.
+    images = [
+        reorient(image if exact_in_float32(image) else sitk.Cast(image, sitk.sitkFloat32), spec.orientation)
+        for image in images
+    ]
     resampled = needs_resampling(images[0], spec.spacing)
     if resampled and device is not None:
         arrays = [resample_to_spacing_on(image, spec.spacing, device) for image in images]
         resampled_reference = resampled_geometry(images[0], spec.spacing)
     else:
         if resampled:
-            images = [resample_to_spacing(image, spec.spacing) for image in images]
+            images = [resample_to_spacing(image, spec.spacing, pixel_id=sitk.sitkFloat32) for image in images]
         resampled_reference = Geometry.of(images[0])
         arrays = [image_to_network_array(image) for image in images]
+    del images
     box = foreground_box(arrays[0]) if spec.crop == "foreground" else None
     network_reference = resampled_reference
     if box is not None:
         arrays = [a[tuple(slice(s, s + n) for s, n in zip(box.start, box.size))] for a in arrays]
         network_reference = network_reference.crop(box)
-    stacked = np.stack([normalize_intensity(a, spec.normalization) for a in arrays])
+    stacked = np.empty((len(arrays), *arrays[0].shape), np.float32)
+    for index in range(len(arrays)):  # each channel straight into its place, then dropped
+        normalize_intensity(arrays[index], spec.normalization, out=stacked[index])
+        arrays[index] = None
     record = PreprocessRecord(
         input_reference=Geometry.of(reference),
         roi=roi,

@@ -238,6 +238,8 @@ class Segmenter:
             labels = keep_largest_component(labels, [label.value for label in self.card.labels])
         labelmap = labels_to_image(labels, record.input_reference)
         probability_image = network_array_to_image(restored, record.input_reference) if with_probabilities else None
+        del restored
+        release_memory()  # what the run freed goes back to the system, not held until the next case
         seconds["postprocessing"] += time.perf_counter() - start
         control.report("postprocessing", 1.0)
         return SegmentationResult(
@@ -280,7 +282,9 @@ class Segmenter:
             writer = seg_nrrd_writer()
         control = control or RunControl()
         control.report("reading", 0.0)
+        start = time.perf_counter()
         images = io.read_channels(inputs, channel_names=[c.name for c in self.card.channels])
+        reading = time.perf_counter() - start
         if isinstance(roi, PhysicalBox):
             roi = roi.to_index_box(images[0])
         if roi is not None and not roi.overlaps(images[0].GetSize()):
@@ -295,6 +299,7 @@ class Segmenter:
             preview=preview,
             control=control,
         )
+        result.seconds = {"reading": reading, **result.seconds}
         control.report("writing", 0.0)
         start = time.perf_counter()
         written: list[Path] = []

@@ -355,6 +355,24 @@ def test_the_device_check_script_runs_its_smoke_step_on_the_cpu(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia-smi.txt", "results.jsonl", "stderr.log"]
 
 
+def test_the_io_benchmark_checks_its_files_and_reports_every_case():
+    """benchmarks/nifti_io.py asserts that what MedSeg wrote reads back as the image; here on a small volume."""
+    rows = benchmark_rows("nifti_io.py", "--shape", "40", "36", "24", "--repeats", "1", timeout=120)
+    header, cases = rows[0], {r["case"]: r for r in rows[1:]}
+    assert header["shape"] == [40, 36, 24] and header["gzip"] in ("isal", "zlib")
+    assert list(cases) == [
+        "read ct .nii.gz",
+        "write noisy labels .nii.gz",
+        "write smooth labels .nii.gz",
+        "write probabilities .nrrd",
+    ]
+    assert cases["read ct .nii.gz"]["itk_MB"] == cases["read ct .nii.gz"]["medseg_MB"]  # the same file, read
+    assert cases["write probabilities .nrrd"]["uncompressed_MB"] == round(40 * 36 * 24 * 2 * 4 / 1e6, 3)
+    for row in cases.values():
+        assert row["voxels"] == [40, 36, 24] and row["itk_seconds"] > 0 and row["medseg_seconds"] > 0
+        assert 0 < row["medseg_MB"] < 1.5 * row["uncompressed_MB"]
+
+
 def test_the_gpu_profile_script_runs_on_the_cpu():
     """benchmarks/gpu_profile.py explains GPU ratios under a lease; on the CPU its parts run the same way, and
     MedSeg's float32 labels are plain MONAI's."""

@@ -152,6 +152,37 @@ def test_range_normalisation_for_ct():
     np.testing.assert_allclose(out, [0.0, 0.0, 1000 / 1400, 1.0, 1.0], atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Normalization(method="range", clip_percentiles=None, a_min=-57, a_max=164),
+        Normalization(method="zscore", clip_percentiles=(0.5, 99.5), nonzero=True),
+        Normalization(method="none", clip_percentiles=None),
+    ],
+    ids=["range", "zscore", "none"],
+)
+def test_normalisation_in_place_gives_the_textbook_float32_numbers(spec):
+    """Written into the network array in place, the values are, bit for bit, the usual expressions in float32."""
+    array = np.random.default_rng(12).normal(40, 300, (30, 20, 10)).astype(np.float32)
+    array[::3] = 0
+    if spec.method == "range":
+        expected = ((np.clip(array, spec.a_min, spec.a_max) - spec.a_min) / (spec.a_max - spec.a_min)).astype(
+            np.float32
+        )
+    elif spec.method == "zscore":
+        sample = array[array != 0]
+        low, high = np.percentile(sample, spec.clip_percentiles)
+        clipped, sample = np.clip(array, low, high), np.clip(sample, low, high)
+        expected = np.where(array != 0, (clipped - float(sample.mean())) / float(sample.std()), 0.0).astype(np.float32)
+    else:
+        expected = array.copy()
+    out = np.full((2, *array.shape), np.nan, np.float32)
+    assert normalize_intensity(array, spec, out=out[1]) is not None
+    assert np.isnan(out[0]).all(), "only its own channel is written"
+    np.testing.assert_array_equal(out[1], expected)
+    np.testing.assert_array_equal(normalize_intensity(array, spec), expected)
+
+
 def test_network_array_is_x_y_z():
     image = sitk.Image(4, 5, 6, sitk.sitkFloat32)
     image[3, 1, 2] = 7.0
@@ -172,3 +203,32 @@ def test_the_device_resampling_gives_simpleitks_network_input(blob_image, direct
     volume, record = preprocess([image], spec, roi=IndexBox((1, 2, 0), (17, 20, 14)), device=torch.device("cpu"))
     assert record == expected_record
     np.testing.assert_allclose(volume, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype,low,high",
+    [
+        (np.int16, -1024, 3000),
+        (np.uint8, 0, 255),
+        (np.int32, -1024, 3000),
+        (np.int32, -(2**30), 2**30),
+        (np.float64, -1, 1),
+    ],
+)
+@pytest.mark.parametrize("direction", ["LPS", "oblique"])
+def test_network_input_is_the_float32_inputs_whatever_the_stored_type(dtype, low, high, direction):
+    """Integers float32 holds exactly are resampled in their own type (half the memory of float32 for a CT's
+    int16); the network input must be, bit for bit, that of the input cast to float32 first."""
+    rng = np.random.default_rng(11)
+    if np.issubdtype(dtype, np.integer):
+        array = rng.integers(low, high, (14, 19, 23), endpoint=True).astype(dtype)
+    else:
+        array = rng.uniform(low, high, (14, 19, 23)) * (1 + 1e-12)  # float64 digits float32 cannot hold
+    image = with_direction(sitk.GetImageFromArray(array), DIRECTIONS[direction])
+    image.SetSpacing((0.8, 0.7, 2.5))
+    spec = Preprocessing(orientation="RAS", spacing=(1.1, 1.3, 1.7))
+    volume, record = preprocess([image], spec)
+    expected, expected_record = preprocess([sitk.Cast(image, sitk.sitkFloat32)], spec)
+    assert record == expected_record
+    assert volume.dtype == np.float32
+    np.testing.assert_array_equal(volume, expected)

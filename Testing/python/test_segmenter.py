@@ -100,7 +100,7 @@ def test_segment_files_writes_nifti_and_probabilities(tmp_path, blob_image):
     written = sitk.ReadImage(str(tmp_path / "seg.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(result.labelmap))
     assert sitk.ReadImage(str(tmp_path / "prob.nii.gz")).GetNumberOfComponentsPerPixel() == 3
-    assert set(result.seconds) == {"preprocessing", "inference", "postprocessing", "writing"}
+    assert list(result.seconds) == ["reading", "preprocessing", "inference", "postprocessing", "writing"]
 
 
 def test_wrong_channel_count_is_refused_before_any_work(tmp_path, blob_image):

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MedSegExtension"
 MODULE_FILE = MODULE_DIR / "MedSeg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedSeg.ui"
-ENGINE_DEPENDENCIES = {"torch", "monai", "scipy", "tqdm", "einops", "maxflow"}
+ENGINE_DEPENDENCIES = {"torch", "monai", "scipy", "tqdm", "einops", "maxflow", "isal"}
 
 
 def ui_widgets() -> dict[str, ElementTree.Element]:
@@ -215,7 +215,7 @@ except ImportError as exc:
 def test_missing_dependencies_are_found_and_installed_without_touching_slicers_own(tmp_path):
     present = {"scipy", "tqdm"}
     missing = dependencies.missingRequirements(findSpec=lambda name: object() if name in present else None)
-    assert [r.module for r in missing] == ["torch", "monai", "einops", "maxflow"]
+    assert [r.module for r in missing] == ["torch", "monai", "einops", "maxflow", "isal"]
 
     def version(name: str) -> str:
         if name == "vtk":  # inside Slicer VTK is not a pip distribution
@@ -227,7 +227,7 @@ def test_missing_dependencies_are_found_and_installed_without_touching_slicers_o
     constraints = dependencies.writeConstraints(tmp_path / "c.txt", versions)
     assert constraints.read_text(encoding="utf-8") == "SimpleITK==2.3.1\nnumpy==1.26.4\n"
     arguments = dependencies.pipArguments(missing[1:], constraints)
-    assert arguments == ["monai>=1.4", "einops", "PyMaxflow", "--constraint", str(constraints)]
+    assert arguments == ["monai>=1.4", "einops", "PyMaxflow", "isal", "--constraint", str(constraints)]
     assert not any(a.split("=")[0].split(">")[0] in ("numpy", "SimpleITK", "vtk") for a in arguments)
 
 
