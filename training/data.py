@@ -202,8 +202,10 @@ def load_or_make_splits(path: Path, case_ids: list[str], *, folds: int, validati
 
 
 def read_label(path: Path, valid_values: set[int]) -> sitk.Image:
-    """Read a labelmap, cast to uint8, refusing non-integer values or values the dataset does not declare."""
-    image = sitk.ReadImage(str(path))
+    """Read a labelmap, cast to uint8, refusing non-integer values or values the dataset does not declare.
+
+    Read as the engine reads its inputs: a truncated or corrupt file is refused, not zero-filled by ITK."""
+    image = io.read_any_image(path)
     array = sitk.GetArrayViewFromImage(image)
     if array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0):
         raise DatasetError(f"{path}: label values must be whole numbers")

@@ -126,6 +126,18 @@ def test_label_value_not_in_dataset_json_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_truncated_label_file_is_refused_not_zero_filled(tmp_path):
+    """ITK would read the cut label as background from the cut on: training would learn from wrong labels."""
+    from medseg.errors import InputImageError
+
+    dataset = make_dataset(tmp_path / "toy")
+    label = dataset / "labelsTr" / "case_001.nii.gz"
+    label.write_bytes(label.read_bytes()[:-40])
+    with pytest.raises(InputImageError, match=r"case_001\.nii\.gz: .*truncated"):
+        train(load_config(write_config(tmp_path, dataset)))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_label_file_is_refused(tmp_path):
     dataset = make_dataset(tmp_path / "toy")
     (dataset / "labelsTr" / "case_002.nii.gz").unlink()
