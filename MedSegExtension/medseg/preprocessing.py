@@ -144,6 +144,10 @@ EXACT_IN_FLOAT32 = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt
 WIDE_INTEGERS = (sitk.sitkInt32, sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64)
 
 
+#: Stored types sent to the device as they are (torch converts them to float32 there).
+UPLOADED_AS_STORED = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.float32))
+
+
 def exact_in_float32(image: sitk.Image) -> bool:
     """Whether float32 holds each of the image's values exactly: its type, or integers within ±2**24."""
     if image.GetPixelID() in EXACT_IN_FLOAT32:
@@ -193,8 +197,12 @@ def resample_to_spacing(
 def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) -> np.ndarray:
     """:func:`resample_to_spacing` (linear) with torch on ``device``, as a (X, Y, Z) float32 array.
 
-    Same grid and, to float rounding, the same values as SimpleITK's; used when the network runs on a GPU.
+    Same grid and, to float rounding, the same values as SimpleITK's; used when the network runs on a GPU. The
+    voxels go to the device as stored, (Z, Y, X) in their own type (a CT's int16: half of float32's bytes), and are
+    converted and transposed there; the host makes no float32 copy of the input.
     """
+    import warnings
+
     import torch
 
     from .resampling import AxisAlignedResampler
@@ -203,7 +211,14 @@ def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) 
     maps = [(j, float(spacing[j]) / float(image.GetSpacing()[j]), 0.0) for j in range(3)]
     resample = AxisAlignedResampler(maps, image.GetSize(), target.size, device)
     with torch.inference_mode():
-        values = torch.from_numpy(image_to_network_array(image)).to(device)
+        stored = sitk.GetArrayViewFromImage(image)  # read-only, and only read: the warning does not apply
+        if stored.dtype in UPLOADED_AS_STORED:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                zyx = torch.from_numpy(stored)
+            values = zyx.to(device).to(torch.float32).permute(2, 1, 0)
+        else:
+            values = torch.from_numpy(image_to_network_array(image)).to(device)
         return resample(values).cpu().numpy()
 
 

@@ -232,3 +232,23 @@ def test_network_input_is_the_float32_inputs_whatever_the_stored_type(dtype, low
     assert record == expected_record
     assert volume.dtype == np.float32
     np.testing.assert_array_equal(volume, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.uint16, np.float64])
+def test_device_resampling_uploads_the_stored_voxels_and_gets_the_same_numbers(dtype):
+    """The GPU path sends (Z, Y, X) voxels in their own type and converts them there; run here on the CPU, it
+    must give, bit for bit, what the float32 (X, Y, Z) copy it replaced gave."""
+    import torch
+    from medseg.preprocessing import resample_to_spacing_on, resampled_geometry
+    from medseg.resampling import AxisAlignedResampler
+
+    array = np.random.default_rng(13).integers(0, 250, (12, 17, 21)).astype(dtype)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 1.1, 2.5))
+    spacing = (1.3, 0.9, 1.7)
+    maps = [(j, spacing[j] / image.GetSpacing()[j], 0.0) for j in range(3)]
+    resample = AxisAlignedResampler(maps, image.GetSize(), resampled_geometry(image, spacing).size, "cpu")
+    expected = resample(torch.from_numpy(image_to_network_array(image))).numpy()
+    values = resample_to_spacing_on(image, spacing, torch.device("cpu"))
+    assert values.dtype == np.float32 and values.shape == expected.shape == (13, 21, 18)
+    np.testing.assert_array_equal(values, expected)

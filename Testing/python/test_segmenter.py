@@ -243,10 +243,12 @@ def test_the_device_restore_gives_the_simpleitk_labels(blob_image, direction, or
     probabilities = np.random.default_rng(0).dirichlet([1.0] * 3, size=size).transpose(3, 0, 1, 2)
     probabilities = probabilities.astype(np.float32)
     expected = restore_argmax(probabilities, record)
-    np.testing.assert_array_equal(restore_argmax_on(probabilities, record, torch.device("cpu")), expected)
+    labels = restore_argmax_on(probabilities, record, torch.device("cpu"))
+    np.testing.assert_array_equal(labels, expected)
     np.testing.assert_array_equal(
         restore_argmax_on(torch.from_numpy(probabilities), record, torch.device("cpu")), expected
     )
+    assert labels.transpose(2, 1, 0).flags.c_contiguous, "(Z, Y, X) memory, as ITK stores it: no strided copy"
 
 
 def test_an_out_of_memory_gpu_restore_falls_back_to_the_cpu(tmp_path, blob_image, monkeypatch, caplog):
