@@ -2,7 +2,8 @@
 
     python benchmarks/nifti_io.py [--shape 512 512 320] [--repeats 3]
 
-A synthetic CT (int16, body and noise) is written as ``.nii.gz``; then, in one process, medians of ``--repeats``:
+``benchmarks/inference.py``'s synthetic CT (int16) is written as ``.nii.gz``; then, in one process, medians of
+``--repeats``:
 
 - ``read``: ITK's ``ReadImage`` followed by the complete-file check the engine needs with it (ITK zero-fills a
   truncated ``.nii.gz`` and returns garbage for a corrupt one), inflated with Python's gzip (the engine before
@@ -30,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSegExtension"))
+from inference import synthetic_ct  # noqa: E402  (benchmarks/inference.py: the CT its runs use)
 from medseg import gzipio, io  # noqa: E402
 
 
@@ -50,23 +52,21 @@ def itk_read_and_check(path: Path) -> sitk.Image:
     return image
 
 
-def synthetic(shape_xyz: tuple[int, int, int], rng) -> dict[str, sitk.Image]:
-    x, y, z = shape_xyz
-    zz, yy, xx = np.ogrid[:z, :y, :x]
-    body = ((yy - y / 2) ** 2 / (0.4 * y) ** 2 + (xx - x / 2) ** 2 / (0.45 * x) ** 2) < 1
-    ct = np.where(body, 40, -1000).astype(np.int16) + rng.normal(0, 20, (z, y, x)).astype(np.int16)
-    organ = (
-        (zz - z / 2) ** 2 / (0.2 * z) ** 2 + (yy - y / 2) ** 2 / (0.15 * y) ** 2 + (xx - x / 2) ** 2 / (0.2 * x) ** 2
-    ) < 1
-    blurred = 1 / (1 + np.exp(-(organ * 4.0 - 2.0 + rng.normal(0, 0.3, organ.shape))))
+def volumes(ct_path: Path, shape_xyz: tuple[int, int, int], rng) -> dict[str, sitk.Image]:
+    """``benchmarks/inference.py``'s synthetic CT, written to ``ct_path`` as ``.nii.gz``, and three outputs on its
+    grid: noisy labels (an untrained network's), smooth labels and two-class probabilities (a trained one's)."""
+    synthetic_ct(shape_xyz, ct_path)
+    ct = sitk.ReadImage(str(ct_path))
+    hu = sitk.GetArrayViewFromImage(ct)
+    body = 1 / (1 + np.exp(-(hu.astype(np.float32) + 500) / 50))  # smooth, with the CT's noise in its low bits
     images = {
-        "ct": sitk.GetImageFromArray(ct),
-        "noisy labels": sitk.GetImageFromArray((rng.random((z, y, x)) < 0.5).astype(np.uint8)),
-        "smooth labels": sitk.GetImageFromArray(organ.astype(np.uint8) + body.astype(np.uint8)),
-        "probabilities": sitk.GetImageFromArray(np.stack([1 - blurred, blurred], -1).astype(np.float32), isVector=True),
+        "ct": ct,
+        "noisy labels": sitk.GetImageFromArray((rng.random(hu.shape) < 0.5).astype(np.uint8)),
+        "smooth labels": sitk.GetImageFromArray((hu > -500).astype(np.uint8) + (hu > 400).astype(np.uint8)),
+        "probabilities": sitk.GetImageFromArray(np.stack([1 - body, body], -1), isVector=True),
     }
     for image in images.values():
-        image.SetSpacing((0.8, 0.8, 1.5))
+        image.CopyInformation(ct)
     return images
 
 
@@ -75,7 +75,6 @@ def main() -> None:
     parser.add_argument("--shape", nargs=3, type=int, default=[512, 512, 320], metavar=("X", "Y", "Z"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    images = synthetic(tuple(args.shape), np.random.default_rng(0))
     print(
         json.dumps(
             {
@@ -91,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medseg-io-") as folder:
         work = Path(folder)
         ct = work / "ct.nii.gz"
-        sitk.WriteImage(images["ct"], str(ct), useCompression=True)
+        images = volumes(ct, tuple(args.shape), np.random.default_rng(0))
         itk = median_seconds(lambda: itk_read_and_check(ct), args.repeats)
         medseg = median_seconds(lambda: io.read_image(ct), args.repeats)
         back = io.read_image(ct)  # a view of a temporary image would point at freed memory
