@@ -155,8 +155,9 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="what runs float32 windows on the CPU: auto (OpenVINO when installed, else PyTorch), torch or "
-        "openvino (default: %(default)s)",
+        help="what runs the windows on the CPU: auto (float32 in OpenVINO when installed, else PyTorch; bf16 in "
+        "PyTorch), torch, or openvino (float32 and bf16 in OpenVINO: fastest, about 130 MiB more memory) "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--tta",

@@ -90,6 +90,36 @@ def test_changed_weights_or_window_get_their_own_conversion(own_cache):
     assert len(list(own_cache.iterdir())) == 3
 
 
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="OpenVINO computes bf16 only on a CPU with AMX or AVX-512-BF16")
+def test_openvino_bf16_is_the_checked_float32_conversion_compiled_again(own_cache):
+    net = unet(seed=1)
+    bf16 = backends.openvino_network(net, WINDOW, precision="bf16")
+    f32 = backends.openvino_network(net, WINDOW)
+    assert (bf16.precision, f32.precision) == ("bf16", "f32") and bf16.source == f32.source == "converted"
+    assert len(list(own_cache.iterdir())) == 1  # one conversion, cached once, for both
+    # both held in memory: neither evicts the other
+    assert backends.openvino_network(net, WINDOW, precision="bf16") is bf16
+    assert backends.openvino_network(net, WINDOW) is f32
+    x = torch.randn(2, *WINDOW, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        expected = net(x)
+    # bfloat16's 8-bit mantissa: well above float32's rounding, well below a wrong network's difference
+    low, exact = relative_difference(bf16(x), expected), relative_difference(f32(x), expected)
+    assert 1e-4 < low < 0.03 and exact < 1e-5
+    assert float((bf16(x).argmax(1) == expected.argmax(1)).float().mean()) > 0.99
+    # reshaped to a crop of the window (the engine's trial): the same network on a smaller input, no new conversion
+    crop = backends.openvino_network(net, (1, 16, 16, 16), precision="bf16", converted_for=WINDOW)
+    small = x[:, :, 4:20, 4:20, 4:20].contiguous()
+    with torch.inference_mode():
+        expected = net(small)
+    assert crop(small).shape == expected.shape and 1e-4 < relative_difference(crop(small), expected) < 0.03
+    assert len(list(own_cache.iterdir())) == 1 and backends.openvino_network(net, WINDOW) is f32
+    with pytest.raises(ValueError, match="unknown OpenVINO precision 'int8'"):
+        backends.openvino_network(net, WINDOW, precision="int8")
+    with pytest.raises(ValueError, match="a float32 network is compiled for the window it was converted"):
+        backends.openvino_network(net, (1, 16, 16, 16), converted_for=WINDOW)
+
+
 def test_a_damaged_cache_entry_is_ignored_and_replaced(own_cache, caplog):
     net = unet()
     backends.openvino_network(net, WINDOW)
@@ -287,3 +317,41 @@ def test_a_low_precision_run_redone_in_openvino_is_checked_against_its_rounding_
     assert report.precision == "fp32" and report.backend == "torch"
     exact = InferenceOptions("fp32", backend="torch")
     np.testing.assert_array_equal(out, sliding_window_probabilities(net, volume, settings, device=CPU, options=exact))
+
+
+def confident_volume() -> np.ndarray:
+    """(1, 160, 100, 64): a bright block in noise, for :class:`Confident`: 6 windows of 64^3, whose central halves
+    are large enough for PyTorch's cropped trial."""
+    volume = np.random.default_rng(2).normal(0.0, 0.2, (1, 160, 100, 64)).astype(np.float32)
+    volume[:, 50:110, 30:70, 20:44] += 1.0
+    return volume
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
+def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
+    """A confident model: auto keeps bf16; with backend openvino, in OpenVINO, after a trial that compares
+    PyTorch's float32 with OpenVINO's bf16 on the central crops (the converted network reshaped to them). The
+    auto backend keeps bf16 in PyTorch (less memory held). Every way, the labels are float32's."""
+    net, volume = Confident().eval(), confident_volume()
+    settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian")
+    exact = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
+    ).argmax(0)
+
+    def run(options):
+        report = InferenceReport()
+        out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options, report=report)
+        assert report.precision == "bf16" and not report.notes
+        assert np.mean(out.argmax(0) == exact) > 0.9995
+        return report
+
+    report = run(InferenceOptions(backend="openvino"))
+    assert report.backend == "openvino" and report.trial_shape == (32, 32, 32) and report.windows == 6
+    assert report.calibration_disagreement <= 5e-4 and 0 < report.error_bound < 0.5
+    # what ran: the window's and the crop's bf16 networks, from one conversion
+    assert backends.openvino_network(net, (1, 64, 64, 64), precision="bf16").precision == "bf16"
+    assert run(InferenceOptions("bf16", backend="openvino")).backend == "openvino"
+    for backend in ("auto", "torch"):
+        report = run(InferenceOptions(backend=backend))
+        assert report.backend == "torch" and report.trial_shape == (32, 32, 32)
+        assert run(InferenceOptions("bf16", backend=backend)).backend == "torch"
