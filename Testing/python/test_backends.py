@@ -333,7 +333,7 @@ def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
     PyTorch's float32 with OpenVINO's bf16 on the central crops (the converted network reshaped to them). The
     auto backend keeps bf16 in PyTorch (less memory held). Every way, the labels are float32's."""
     net, volume = Confident().eval(), confident_volume()
-    settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian")
+    settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian", mirror_axes=(0, 1, 2))
     exact = sliding_window_probabilities(
         net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
     ).argmax(0)
@@ -351,7 +351,35 @@ def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
     # what ran: the window's and the crop's bf16 networks, from one conversion
     assert backends.openvino_network(net, (1, 64, 64, 64), precision="bf16").precision == "bf16"
     assert run(InferenceOptions("bf16", backend="openvino")).backend == "openvino"
+    mirrored = run(InferenceOptions("bf16", backend="openvino", mirror_axes=(0,)))  # a symmetric kernel: same labels
+    assert mirrored.backend == "openvino" and mirrored.mirror_axes == (0,)
     for backend in ("auto", "torch"):
         report = run(InferenceOptions(backend=backend))
         assert report.backend == "torch" and report.trial_shape == (32, 32, 32)
         assert run(InferenceOptions("bf16", backend=backend)).backend == "torch"
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
+def test_bf16_in_openvino_whose_crops_do_not_compile_has_its_trial_on_whole_windows(monkeypatch):
+    """Where OpenVINO cannot take the crops (a network converted for its window alone: its shapes are frozen), the
+    trial runs on the whole central windows, and bf16 still runs in OpenVINO. The one stand-in: reshaping refuses
+    every shape but the window's, as a frozen conversion does."""
+    reshape = backends._for_shape
+
+    def window_only(model, shape):
+        if tuple(shape) != (1, 64, 64, 64):
+            raise backends.BackendUnavailableError(f"OpenVINO could not reshape the network to {tuple(shape)}")
+        return reshape(model, shape)
+
+    monkeypatch.setattr(backends, "_for_shape", window_only)
+    net, volume = Confident().eval(), confident_volume()
+    settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian")
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions(backend="openvino"), report=report
+    )
+    assert (report.precision, report.backend, report.trial_shape) == ("bf16", "openvino", (64, 64, 64))
+    exact = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
+    )
+    assert np.mean(out.argmax(0) == exact.argmax(0)) > 0.9995
