@@ -559,10 +559,23 @@ def sliding_window_probabilities(
     attempts: list[tuple[torch.device, int | None]] = [(device, options.window_batch)]
     while True:
         dev, batch = attempts[-1]
+        # on the run's GPU, not the current one: its streams, events, pinned copies and memory queries (cuda:1)
+        on_device = torch.cuda.device(dev) if dev.type == "cuda" and dev.index is not None else contextlib.nullcontext()
         try:
-            return _run(
-                network, volume, settings, dev, batch, options, control, out_dtype, report, keep_on_device, labels_only
-            )
+            with on_device:
+                return _run(
+                    network,
+                    volume,
+                    settings,
+                    dev,
+                    batch,
+                    options,
+                    control,
+                    out_dtype,
+                    report,
+                    keep_on_device,
+                    labels_only,
+                )
         except torch.cuda.OutOfMemoryError:
             if dev.type != "cuda":
                 raise
@@ -669,8 +682,20 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         trial_size = min(batch, GPU_TRIAL_WINDOWS) if cuda else batch
         calibration = None
         known: dict[int, torch.Tensor] = {}  # float32 logits of the trial batch
+        float32_window: list[int] = []  # a float32 window's device memory, where the trial measured it
+
+        def float32_batch() -> int:
+            """The GPU batch planned again on float32's activations (the plan probed the low precision's)."""
+            if not float32_window:
+                float32_window.append(_peak_bytes(device, lambda: whole_fp32()(window(starts[0])[None]))[1])
+            plan.per_window = max(plan.per_window, float32_window[0])
+            return window_batch_for(plan.available, plan.per_window, plan.slab_bytes, len(starts))
+
         if options.precision == "auto" and low is not None and len(starts) < MIN_GROUPS_FOR_TRIAL * trial_size:
             runner, report.precision = whole_fp32(), "fp32"  # the trial would cost more than low precision saves
+            if plan is not None and (replanned := float32_batch()) != batch:
+                batch = report.window_batch = replanned
+                groups = list(_batches(starts, batch))
         elif options.precision == "auto" and low is not None:
             group = _central_group(groups, padded_shape, roi)
             trial = groups[group][:trial_size]
@@ -684,27 +709,28 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                 )
                 if len(trial) == len(groups[group]):  # the whole batch: the stream reuses its float32 logits
                     known[group] = reference
+                float32_window.append(trial_bytes // len(trial))  # both precisions' windows: float32's the larger
                 del reference
                 # whole float32 trial windows' activations: give them back before the batches allocate theirs (not
                 # after crops: small, and memory given back is faulted in again by the next windows, 0.04 s)
                 release_memory()
             report.error_bound = calibration.bound
             report.calibration_disagreement = calibration.disagreement
-            if calibration.disagreement > DISAGREEMENT_BUDGET:
+            overflowed = not math.isfinite(calibration.bound)  # float16's range: no error bound to go by
+            if overflowed or calibration.disagreement > DISAGREEMENT_BUDGET:
                 _note(
                     report,
-                    f"{report.precision} changed {calibration.disagreement:.3%} of the labels of a trial window "
+                    f"{report.precision} overflowed in a trial window batch; running in float32"
+                    if overflowed
+                    else f"{report.precision} changed {calibration.disagreement:.3%} of the labels of a trial window "
                     f"batch (budget {DISAGREEMENT_BUDGET:.3%}); running in float32",
                 )
                 runner, report.precision, calibration = whole_fp32(), "fp32", None
                 report.backend = "openvino" if _openvino_precision(runner) else "torch"
-                if plan is not None:  # the batch was planned on low-precision activations: plan it on float32's
-                    plan.per_window = max(plan.per_window, trial_bytes // len(trial))
-                    replanned = window_batch_for(plan.available, plan.per_window, plan.slab_bytes, len(starts))
-                    if replanned != batch:
-                        batch = report.window_batch = replanned
-                        groups = list(_batches(starts, batch))
-                        known.clear()  # its index was the old grouping's
+                if plan is not None and (replanned := float32_batch()) != batch:
+                    batch = report.window_batch = replanned
+                    groups = list(_batches(starts, batch))
+                    known.clear()  # its index was the old grouping's
         if plan is not None and plan.working(batch) > plan.available:  # batch 1 is the least a run can do
             gib = [plan.per_window / 2**30, plan.slab_bytes(batch) / 2**30, plan.available / 2**30]
             _note(
@@ -740,6 +766,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             quiet = RunControl(cancel_event=control.cancel_event)  # progress already reached 1; keep cancel
             rerun = fp32 if rounding is not None else whole_fp32()
             report.backend = "openvino" if _openvino_precision(rerun) else "torch"
+            if plan is not None and (replanned := float32_batch()) < batch:
+                batch = report.window_batch = replanned
+                stream.regroup(list(_batches(starts, batch)))
             stream.calibration = _openvino_rounding(rerun)  # a low-precision run redone in OpenVINO: check it too
             at_risk = stream.run(lambda i, g: rerun(stacked(g)), quiet)
             if stream.calibration is not None and _estimate(report, at_risk, stream.calibration) > DISAGREEMENT_BUDGET:
@@ -960,12 +989,19 @@ class _SlabStream:
         self.head = head  #: a :class:`_PointwiseHead`: windows return features, blended, then turned into logits
         self.blended = 0  #: channels blended per voxel
         self.constant = bool(torch.all(weights == weights.flatten()[0]))  # MONAI's constant map: plain sums
-        self.depth = slab_depth([s for g in groups for s in g], len(groups[0]), roi, axis, shape[axis])
+        self.regroup(groups)
         self.out: np.ndarray | torch.Tensor | None = None
         self.labels_only = False  #: keep the argmax of the blended logits instead of the probabilities
         self.check_finite = False  #: count non-finite logits (float16 overflow) in :attr:`nonfinite`
         self.nonfinite = 0
         self._pending: list = []  # (target slices, host tensor, CUDA event) of slabs still being copied
+
+    def regroup(self, groups) -> None:
+        """Run these window batches from now on (a float32 redo's smaller ones): the slab's depth follows them."""
+        self.groups = groups
+        self.depth = slab_depth(
+            [s for g in groups for s in g], len(groups[0]), self.roi, self.axis, self.shape[self.axis]
+        )
 
     def run(self, compute, control: RunControl) -> float:
         """Blend every batch ``compute(index, group)`` returns; the fraction of voxels within the error bound."""
@@ -1009,9 +1045,9 @@ class _SlabStream:
         host = torch.empty(probabilities.shape, dtype=dtype, pin_memory=cuda)
         host.copy_(probabilities.to(dtype), non_blocking=cuda)
         event = None
-        if cuda:
+        if cuda:  # on the stream the copy was queued on: the tensor's device's
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(probabilities.device))
         self._pending.append((target, host, event))
         self._drain(keep=1)  # at most one copy in flight
 

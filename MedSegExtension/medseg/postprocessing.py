@@ -36,10 +36,16 @@ def _restore_channel(channel: np.ndarray, record: PreprocessRecord, fill: float,
 def _to_cropped_input_grid(
     channel: np.ndarray, record: PreprocessRecord, *, interpolator: int, default: float, copy: bool = True
 ) -> np.ndarray:
-    """Map one (X, Y, Z) channel from the (uncropped) network grid to the ROI-cropped input grid."""
+    """Map one (X, Y, Z) channel from the (uncropped) network grid to the ROI-cropped input grid.
+
+    The network grid spans the input grid's extent, so an input voxel outside it lies at most about half a network
+    voxel beyond its last one: it takes the nearest network voxel's value. ITK alone would give it ``default``
+    (background) whenever it falls exactly on that border, as the last input slice does when the network's spacing
+    is twice the input's (a 0.75 mm CT's last row and column, under a 1.5 mm model).
+    """
     image = network_array_to_image(channel, record.resampled_reference)
     if record.resampled:
-        image = record.cropped_reference.resample(image, interpolator, default)
+        image = record.cropped_reference.resample(image, interpolator, default, extrapolate=True)
     else:
         # Only axes were permuted and flipped: undo exactly, then snap the geometry to the input's.
         image = record.cropped_reference.apply(reorient(image, record.original_orientation))
@@ -138,8 +144,8 @@ def restore_argmax_on(probabilities, record: PreprocessRecord, device) -> np.nda
         if isinstance(probabilities, torch.Tensor):
             probabilities = probabilities.cpu().numpy()
         return restore_argmax(probabilities, record)
-    resample = AxisAlignedResampler(
-        maps, record.resampled_reference.GetSize(), record.cropped_reference.GetSize(), device
+    resample = AxisAlignedResampler(  # as _to_cropped_input_grid: the border's voxels take their nearest's value
+        maps, record.resampled_reference.GetSize(), record.cropped_reference.GetSize(), device, extrapolate=True
     )
     best = labels = None
     with torch.inference_mode():

@@ -11,6 +11,7 @@ and :func:`network_array_to_image` are the only places that transpose.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,26 @@ class Geometry:
         origin = np.array(self.origin) + matrix @ (np.array(box.start) * np.array(self.spacing))
         return Geometry(tuple(box.size), self.spacing, tuple(float(v) for v in origin), self.direction)
 
-    def resample(self, image: sitk.Image, interpolator: int, default: float, pixel_id: int | None = None) -> sitk.Image:
-        """``image`` resampled onto this grid (identity transform), as ``pixel_id`` (by default its own type)."""
+    def resample(
+        self,
+        image: sitk.Image,
+        interpolator: int,
+        default: float,
+        pixel_id: int | None = None,
+        *,
+        extrapolate: bool = False,
+    ) -> sitk.Image:
+        """``image`` resampled onto this grid (identity transform), as ``pixel_id`` (by default its own type).
+
+        ``extrapolate``: for a grid over ``image``'s extent whose last points may lie past ``image``'s half-voxel
+        border (by less than a voxel: the grids of :func:`resampled_geometry`, and a result restored onto its
+        input's grid). Where they do, ``image`` is first padded by one voxel that repeats its edge, so those points
+        interpolate between edge voxels (the edge's value) instead of taking ``default``. Without it, ITK gives
+        ``default`` on the last slice of an exact 2x upsampling, or not, as its rounding of that border point falls.
+        The GPU path (:class:`medseg.resampling.AxisAlignedResampler` with ``extrapolate``) clamps the same way.
+        """
+        if extrapolate and _reaches_border(self, image):
+            image = sitk.ZeroFluxNeumannPad(image, [1, 1, 1], [1, 1, 1])
         return sitk.Resample(
             image,
             [int(v) for v in self.size],
@@ -123,6 +142,19 @@ class Geometry:
             default,
             image.GetPixelID() if pixel_id is None else pixel_id,
         )
+
+
+def _reaches_border(grid: Geometry, image: sitk.Image, margin: float = 1e-3) -> bool:
+    """Whether a corner of ``grid`` lies within ``margin`` voxels of ``image``'s half-voxel border, or past it."""
+    matrix = np.array(grid.direction).reshape(3, 3) * np.array(grid.spacing)
+    last = np.array(grid.size) - 1
+    size = np.array(image.GetSize())
+    for corner in itertools.product(*[(0, n) for n in last]):
+        point = np.array(grid.origin) + matrix @ np.array(corner, dtype=float)
+        index = np.array(image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in point)))
+        if np.any(index < -0.5 + margin) or np.any(index > size - 0.5 - margin):
+            return True
+    return False
 
 
 @dataclass
@@ -190,8 +222,13 @@ def resample_to_spacing(
     image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear, pixel_id: int | None = None
 ) -> sitk.Image:
     """Resample ``image`` to ``spacing`` (mm, x y z) over the same physical extent, keeping origin and direction;
-    the result has ``pixel_id`` (by default the image's own type)."""
-    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0, pixel_id)
+    the result has ``pixel_id`` (by default the image's own type).
+
+    The new grid's last voxels can lie up to about a voxel past the image's last one (the grid keeps the first
+    voxel's centre and rounds the extent); they take the nearest voxel's value, not 0. ITK alone would give 0 on
+    the last slice of an exact 2x upsampling, or not, as its rounding of that border point fell.
+    """
+    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0, pixel_id, extrapolate=True)
 
 
 def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) -> np.ndarray:
@@ -209,7 +246,7 @@ def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) 
 
     target = resampled_geometry(image, spacing)
     maps = [(j, float(spacing[j]) / float(image.GetSpacing()[j]), 0.0) for j in range(3)]
-    resample = AxisAlignedResampler(maps, image.GetSize(), target.size, device)
+    resample = AxisAlignedResampler(maps, image.GetSize(), target.size, device, extrapolate=True)
     with torch.inference_mode():
         stored = sitk.GetArrayViewFromImage(image)  # read-only, and only read: the warning does not apply
         if stored.dtype in UPLOADED_AS_STORED:
@@ -355,5 +392,5 @@ def label_to_network_grid(label: sitk.Image, record: PreprocessRecord) -> np.nda
     """
     if record.roi is not None:
         label = crop(label, record.roi)
-    moved = record.network_reference.resample(label, sitk.sitkNearestNeighbor, 0.0)
+    moved = record.network_reference.resample(label, sitk.sitkNearestNeighbor, 0.0, extrapolate=True)
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(moved).transpose(2, 1, 0))

@@ -34,7 +34,17 @@ def interpolate_axis(values: torch.Tensor, axis: int, coords: torch.Tensor) -> t
 class AxisAlignedResampler:
     """Resamples (X, Y, Z) tensors from a source grid onto an output grid of ``out_size`` through ``maps``."""
 
-    def __init__(self, maps: Sequence[AxisMap], source_size: Sequence[int], out_size: Sequence[int], device) -> None:
+    def __init__(
+        self,
+        maps: Sequence[AxisMap],
+        source_size: Sequence[int],
+        out_size: Sequence[int],
+        device,
+        *,
+        extrapolate: bool = False,
+    ) -> None:
+        """``extrapolate``: points outside the source take the nearest voxel's value (as
+        :meth:`medseg.preprocessing.Geometry.resample` with ``extrapolate``); else the call's ``fill``."""
         self.order = [a for a, _, _ in maps]
         if sorted(self.order) != [0, 1, 2]:
             raise ValueError(f"each output axis must come from a different source axis, got {self.order}")
@@ -42,8 +52,12 @@ class AxisAlignedResampler:
         self.inside = None
         for j, (axis, scale, offset) in enumerate(maps):
             u = torch.arange(int(out_size[j]), dtype=torch.float64, device=device) * scale + offset
-            valid = (u >= -0.5) & (u <= source_size[axis] - 0.5)
+            # inside as ITK's interpolators count it (ImageFunction::IsInsideBuffer): from half a voxel before the
+            # first voxel, to strictly less than half a voxel past the last (an exact 2x upsampling's last point)
+            valid = (u >= -0.5) & (u < source_size[axis] - 0.5)
             self.coords.append(u)
+            if extrapolate:  # interpolate_axis clamps to the edge voxels
+                continue
             shape = [1, 1, 1]
             shape[j] = -1
             self.inside = valid.reshape(shape) if self.inside is None else self.inside & valid.reshape(shape)
@@ -52,4 +66,6 @@ class AxisAlignedResampler:
         values = values.permute(*self.order)
         for j in range(3):
             values = interpolate_axis(values, j, self.coords[j])
+        if self.inside is None:
+            return values
         return torch.where(self.inside, values, torch.tensor(fill, dtype=values.dtype, device=values.device))

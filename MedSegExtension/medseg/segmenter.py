@@ -182,14 +182,23 @@ class Segmenter:
         start = time.perf_counter()
         control.report("preprocessing", 0.0)
         on_gpu = self.device if self.device.type == "cuda" else None  # SimpleITK is as fast on the CPU
-        volume, record = preprocess(images, self.card.preprocessing, roi=roi, device=on_gpu)
+        notes = []
+        try:
+            volume, record = preprocess(images, self.card.preprocessing, roi=roi, device=on_gpu)
+        except torch.cuda.OutOfMemoryError:
+            if on_gpu is None:
+                raise
+            torch.cuda.empty_cache()
+            notes.append("GPU out of memory while resampling the input to the model's spacing; doing it on the CPU")
+            logger.warning(notes[-1])
+            volume, record = preprocess(images, self.card.preprocessing, roi=roi)
         guide = images[0] if refine is not None else None  # the graph cut's intensities; nothing else needs them
         del images
         release_memory()
         seconds["preprocessing"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        report = InferenceReport()
+        report = InferenceReport(notes=notes)
         maps = with_probabilities or refine is not None
         # Labels straight from the blended logits, slab by slab, where they need no interpolation: a preview (nearest
         # neighbour by design), or a network grid that is the input's up to axis order and flips (the same labels as

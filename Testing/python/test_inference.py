@@ -579,6 +579,87 @@ def test_a_rejected_trial_replans_the_batch_on_float32_memory(monkeypatch):
     np.testing.assert_allclose(out, exact, atol=1e-6)
 
 
+def forced_gpu_plan(monkeypatch, volume, float32_window_mib: int):
+    """The GPU's plan forced on the CPU: a batch of 4 at 1 MiB a (low-precision) window within 10 MiB, and every
+    device-memory measurement answering ``float32_window_mib`` a float32 window."""
+    mib = 2**20
+    plan = inference._GpuPlan(4, 10 * mib, mib, 2, int(np.prod(volume.shape[1:])), lambda batch: 0)
+    monkeypatch.setattr(inference, "_plan_gpu_memory", lambda *args: plan)
+    measured = []
+
+    def peak_bytes(device, function):  # what the float32 windows measured held
+        result = function()
+        measured.append(len(result[1]) if isinstance(result, tuple) else len(result))
+        return result, measured[-1] * float32_window_mib * mib
+
+    monkeypatch.setattr(inference, "_peak_bytes", peak_bytes)
+    return plan, measured
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
+def test_a_volume_too_small_for_a_trial_replans_its_float32_batch(monkeypatch):
+    """Too few windows for a trial: auto runs float32 at once, on a batch planned again from a float32 window's
+    memory (the plan probed the low precision's)."""
+    volume = np.random.default_rng(7).normal(size=(1, 40, 16, 16)).astype(np.float32)  # 3 windows of 16^3
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    plan, measured = forced_gpu_plan(monkeypatch, volume, float32_window_mib=5)
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        small_unet(), volume, settings, device=CPU, options=InferenceOptions(backend="torch"), report=report
+    )
+    assert report.precision == "fp32" and measured == [1]  # one float32 window probed
+    assert plan.per_window == 5 * 2**20 and report.window_batch == 2  # 10 MiB / 5 MiB
+    exact = sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32)
+    np.testing.assert_allclose(out, exact, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
+def test_a_low_precision_run_redone_in_float32_replans_its_batch(monkeypatch):
+    """Confident at the centre (the trial keeps bf16), nearly tied elsewhere (the estimate sends it back to
+    float32): the float32 redo runs at the batch its float32 memory allows, measured by the trial."""
+    volume = unsure_but_for_a_confident_middle()
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
+    plan, measured = forced_gpu_plan(monkeypatch, volume, float32_window_mib=3)
+    report = InferenceReport()
+    out = sliding_window_probabilities(
+        Confident().eval(), volume, settings, device=CPU, options=InferenceOptions(backend="torch"), report=report
+    )
+    assert "recomputing in float32" in report.notes[0] and report.precision == "fp32"
+    assert measured == [4] and plan.per_window == 3 * 2**20  # the trial's 4 windows
+    assert report.window_batch == 3  # 10 MiB / 3 MiB
+    exact = sliding_window_probabilities(Confident().eval(), volume, settings, device=CPU, options=FP32)
+    np.testing.assert_array_equal(out.argmax(0), exact.argmax(0))
+    np.testing.assert_allclose(out, exact, atol=1e-6)
+
+
+class OverflowsInLowPrecision(torch.nn.Module):
+    """Confident logits, infinite under autocast: float16's overflow on a GPU, reproduced on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Confident()
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out * float("inf") if torch.is_autocast_enabled("cpu") else out
+
+
+def test_a_trial_that_overflows_sends_the_run_to_float32(monkeypatch):
+    """An overflow in the trial leaves no error bound to estimate with: the run is float32 from the start."""
+    monkeypatch.setattr(inference, "low_precision_for", lambda device: torch.bfloat16)
+    volume = unsure_but_for_a_confident_middle()
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    net = OverflowsInLowPrecision().eval()
+    out = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions(backend="torch"), report=report
+    )
+    assert report.precision == "fp32" and report.notes == [
+        "bf16 overflowed in a trial window batch; running in float32"
+    ]
+    np.testing.assert_array_equal(out, sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32))
+
+
 def test_a_window_and_slab_beyond_the_gpu_budget_run_at_a_batch_of_1_and_say_so(monkeypatch):
     """A 105-class model's slab can outgrow the budget on its own (the GPU's plan, forced here on the CPU)."""
     volume = np.random.default_rng(6).normal(size=(1, 40, 40, 40)).astype(np.float32)

@@ -192,9 +192,13 @@ def test_network_array_is_x_y_z():
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
-@pytest.mark.parametrize("spacing", [(1.3, 0.9, 2.0), (1.0, 1.0, 1.0), (0.5, 2.2, 3.1)])
+@pytest.mark.parametrize(
+    "spacing",
+    [(1.3, 0.9, 2.0), (1.0, 1.0, 1.0), (0.5, 2.2, 3.1), (0.4, 0.55, 1.25)],
+)
 def test_the_device_resampling_gives_simpleitks_network_input(blob_image, direction, spacing):
-    """The GPU's resampling (torch, axis by axis), run here on the CPU, against SimpleITK's."""
+    """The GPU's resampling (torch, axis by axis), run here on the CPU, against SimpleITK's. Half the input's
+    spacing puts the last output point exactly half a voxel past the last input voxel: outside, as for ITK."""
     import torch
 
     image = with_direction(blob_image, direction)
@@ -247,8 +251,40 @@ def test_device_resampling_uploads_the_stored_voxels_and_gets_the_same_numbers(d
     image.SetSpacing((0.8, 1.1, 2.5))
     spacing = (1.3, 0.9, 1.7)
     maps = [(j, spacing[j] / image.GetSpacing()[j], 0.0) for j in range(3)]
-    resample = AxisAlignedResampler(maps, image.GetSize(), resampled_geometry(image, spacing).size, "cpu")
+    size = resampled_geometry(image, spacing).size
+    resample = AxisAlignedResampler(maps, image.GetSize(), size, "cpu", extrapolate=True)
     expected = resample(torch.from_numpy(image_to_network_array(image))).numpy()
     values = resample_to_spacing_on(image, spacing, torch.device("cpu"))
     assert values.dtype == np.float32 and values.shape == expected.shape == (13, 21, 18)
     np.testing.assert_array_equal(values, expected)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
+def test_the_grid_border_takes_the_edge_values_not_zero(direction):
+    """A grid over the image's extent keeps the first voxel's centre, so its last points can lie half a voxel past
+    the image's last one (every exact 2x upsampling does). Those take the edge's values on the CPU and on the
+    device alike; ITK alone gave 0 there, or not, as its rounding of that border point fell."""
+    import torch
+    from medseg.postprocessing import restore_argmax, restore_argmax_on
+    from medseg.preprocessing import label_to_network_grid, resample_to_spacing, resample_to_spacing_on
+
+    array = np.random.default_rng(3).uniform(10, 20, (6, 7, 8)).astype(np.float32)  # (z, y, x): all nonzero
+    image = with_direction(sitk.GetImageFromArray(array), direction)
+    image.SetSpacing((2.2, 1.6, 5.0))
+    half = (1.1, 0.8, 2.5)
+    on_cpu = sitk.GetArrayFromImage(resample_to_spacing(image, half)).transpose(2, 1, 0)
+    on_device = resample_to_spacing_on(image, half, torch.device("cpu"))
+    assert on_cpu.shape == (16, 14, 12) and on_cpu.min() >= 10 and on_device.min() >= 10
+    np.testing.assert_allclose(on_device, on_cpu, atol=1e-4)
+    # the last x: half a voxel past the last input voxel, the edge's values (as at the last input voxel's centre)
+    np.testing.assert_allclose(on_cpu[-1], on_cpu[-2], atol=1e-4)
+
+    # the other way: a result on a grid of twice the input's spacing, restored onto the input's grid
+    image.SetSpacing(half)
+    volume, record = preprocess([image], Preprocessing(orientation="RAS", spacing=(2.2, 1.6, 5.0)))
+    probabilities = np.zeros((2, *volume.shape[1:]), np.float32)
+    probabilities[1] = 1.0  # foreground everywhere
+    assert restore_argmax(probabilities, record).min() == 1
+    assert restore_argmax_on(probabilities, record, torch.device("cpu")).min() == 1
+    label = sitk.Cast(image > 0, sitk.sitkUInt8)  # foreground everywhere: so on the network grid too
+    assert label_to_network_grid(label, record).min() == 1

@@ -226,6 +226,7 @@ def test_restored_argmax_equals_the_argmax_of_restored_probabilities(tmp_path, b
         ("LPS", None, IndexBox((2, 3, 1), (15, 18, 12)), "none"),
         ("RAS", (1.0, 1.0, 1.0), None, "none"),
         ("RAS", (1.3, 0.9, 2.0), None, "foreground"),
+        ("RAS", (1.6, 2.2, 5.0), None, "none"),  # twice the input's: its last voxels half a voxel past the grid's
     ],
 )
 def test_the_device_restore_gives_the_simpleitk_labels(blob_image, direction, orientation, spacing, roi, crop):
@@ -270,6 +271,35 @@ def test_an_out_of_memory_gpu_restore_falls_back_to_the_cpu(tmp_path, blob_image
     with caplog.at_level("WARNING", logger="medseg.segmenter"):
         result = segmenter.segment(blob_image)
     assert "doing it on the CPU" in caplog.text and "doing it on the CPU" in result.inference.notes[-1]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labelmap), expected)
+
+
+def test_an_out_of_memory_gpu_resampling_falls_back_to_the_cpu(tmp_path, blob_image, monkeypatch, caplog):
+    import torch
+    from medseg import segmenter as segmenter_module
+
+    segmenter = Segmenter(threshold_model(tmp_path, spacing=[1.0, 1.0, 1.0]), device="cpu")
+    expected = sitk.GetArrayFromImage(segmenter.segment(blob_image).labelmap)
+    segmenter.device = torch.device("cuda")  # the other stages are sent to the CPU below
+    real_preprocess = segmenter_module.preprocess
+    devices = []
+
+    def preprocess(*args, device=None, **kwargs):
+        devices.append(device)
+        if device is not None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_preprocess(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter_module, "preprocess", preprocess)
+    real_restore = segmenter_module.restore_argmax_on
+    monkeypatch.setattr(segmenter_module, "restore_argmax_on", lambda p, r, d: real_restore(p, r, torch.device("cpu")))
+    monkeypatch.setattr(segmenter_module, "sliding_window_probabilities", _cpu_inference(segmenter_module))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with caplog.at_level("WARNING", logger="medseg.segmenter"):
+        result = segmenter.segment(blob_image)
+    assert devices == [torch.device("cuda"), None]
+    message = "GPU out of memory while resampling the input to the model's spacing; doing it on the CPU"
+    assert message in caplog.text and result.inference.notes[0] == message
     np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labelmap), expected)
 
 
