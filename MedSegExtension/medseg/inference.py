@@ -398,13 +398,19 @@ def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options, cla
     classes = classes or blended
     del logits
     free, _ = torch.cuda.mem_get_info(device)
+    # what PyTorch's allocator holds but has not handed out (the GPU preprocessing's freed blocks) is free to this run
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     limit = (options.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * 2**30
     available = int(min(free * 0.9, limit - before))
     cross = math.prod(shape) // shape[axis]
 
     def slab_bytes(batch: int) -> int:  # accumulator and weights, a finished chunk's temporaries, the labels
-        slab = (blended + 1) * cross * slab_depth(starts, batch, roi, axis, shape[axis]) * 4
-        return slab + 4 * min(slab, FLUSH_CHUNK_BYTES) + math.prod(shape)
+        depth = slab_depth(starts, batch, roi, axis, shape[axis])
+        slab = (blended + 1) * cross * depth * 4
+        # a finished chunk's logits: after a pointwise head, all the classes (as _flush sizes its chunks)
+        channels = max(blended, classes)
+        chunk = min(channels * cross * depth * 4, max(FLUSH_CHUNK_BYTES, channels * cross * 4))
+        return slab + 4 * chunk + math.prod(shape)
 
     batch = window_batch_for(available, per_window, slab_bytes, len(starts))
     return _GpuPlan(batch, available, per_window, classes, math.prod(shape), slab_bytes)

@@ -407,11 +407,13 @@ def test_mirroring_averages_the_flipped_windows():
     assert counting.windows == 4 * count_windows(volume.shape[1:], (16, 16, 16), 0.5)
 
 
-def _fake_gpu_memory(monkeypatch, *, held_gib, window_gib, free_gib):
-    """CUDA's memory queries answered by a fake card: the process holds ``held_gib``, a window takes ``window_gib``."""
+def _fake_gpu_memory(monkeypatch, *, held_gib, window_gib, free_gib, cached_gib=0.0):
+    """CUDA's memory queries answered by a fake card: the process holds ``held_gib``, a window takes ``window_gib``,
+    and PyTorch's allocator keeps ``cached_gib`` more, freed but not given back to the card."""
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(held_gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int((held_gib + cached_gib) * 2**30))
     peak = int((held_gib + window_gib) * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
@@ -434,6 +436,8 @@ def test_gpu_window_batch_comes_from_a_probe_within_the_budget_and_the_free_memo
     assert default.batch == 4 and default.classes == 2 and counting.windows == 1
     assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=70).batch == 10
     assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=4).batch == 3  # 90 % free
+    # blocks PyTorch keeps for reuse count as free: 90 % of the 4 GiB free and the 2 GiB it keeps
+    assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=4, cached_gib=2).batch == 5
     # the result stays on the device in float32 when it fits beside the working set, else float16, else the host
     roomy = plan(InferenceOptions(), held_gib=1, window_gib=2**-10, free_gib=70)
     assert roomy.output_dtype(roomy.batch, np.float32) == np.float32
@@ -441,10 +445,11 @@ def test_gpu_window_batch_comes_from_a_probe_within_the_budget_and_the_free_memo
     assert roomy.output_dtype(roomy.batch, np.float32) == np.float16
     roomy.voxels = 2**31
     assert roomy.output_dtype(roomy.batch, np.float32) is None
-    # a pointwise head's result has its classes, while the slab blends the 2 channels a window returns
+    # a pointwise head's result has its classes, while the slab blends the 2 channels a window returns: the slab is
+    # the same, a finished chunk's temporaries (4 of them, 64 x 64 x 8 voxels) have 105 channels instead of 2
     cuda = torch.device("cuda")
     headed = inference._plan_gpu_memory(runner, one, cuda, starts, roi, 2, shape, InferenceOptions(), 105)
-    assert headed.classes == 105 and headed.slab_bytes(1) == default.slab_bytes(1)
+    assert headed.classes == 105 and headed.slab_bytes(1) - default.slab_bytes(1) == 4 * (105 - 2) * 64 * 64 * 8 * 4
     assert inference._plan_gpu_memory(runner, one, CPU, starts, roi, 2, shape, InferenceOptions()) is None
     with pytest.raises(ValueError, match="gpu_memory_gib"):
         InferenceOptions(gpu_memory_gib=0)
