@@ -6,7 +6,8 @@ about twice as fast on this project's 2-core Xeon (AMX):
 * float32: 0.053 to 0.060 s against 0.10 to 0.11 s per 96^3 window of the 4.8 M-parameter MONAI U-Net, window
   batch 2 (0.063 s before the rewrites below);
 * bfloat16 (``precision="bf16"``: the same converted network compiled again with OpenVINO's bf16 inference
-  precision): 0.021 s against 0.039 s for PyTorch's autocast. Its labels agreed with float32's as well as
+  precision): 0.021 to 0.025 s against 0.039 to 0.057 s for PyTorch's autocast, depending on the day, and 1.8
+  times autocast's speed over a whole sliding window measured side by side. Its labels agreed with float32's as well as
   autocast's did (on the CT-fitted U-Net 0.99997 against 0.99996; on the untrained one 0.9977 against 0.9972).
   Low precision is never checked here: the engine's auto precision measures it on each input, as for autocast.
   The engine uses it with ``backend="openvino"`` only: it holds about 130 MiB more than autocast (see

@@ -819,8 +819,9 @@ def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=
     """With ``backend="openvino"``, the runner of bfloat16 windows on the CPU in OpenVINO; else None (PyTorch's
     autocast).
 
-    OpenVINO's bf16 (AMX) ran a 96^3 window of the 4.8 M-parameter U-Net in 0.021 s on this project's 2-core
-    Xeon, against 0.039 s for PyTorch's autocast and 0.055 s for OpenVINO's float32, and on the CT-fitted U-Net
+    OpenVINO's bf16 (AMX) ran a 96^3 window of the 4.8 M-parameter U-Net in 0.021 to 0.025 s on this project's
+    2-core Xeon, against 0.039 to 0.057 s for PyTorch's autocast and 0.055 s for OpenVINO's float32 (the same
+    day's figures side by side: 1.8 times autocast's speed over a whole sliding window), and on the CT-fitted U-Net
     its labels agreed with float32's as well as autocast's (0.99997 against 0.99996). It is not the auto
     backend's choice because it holds about 130 MiB more: OpenVINO's CPU plugin (25 MiB), the compiled bf16
     network (30), its working memory for a window (54) and the trial's crop network (20), where autocast's

@@ -38,10 +38,10 @@ def _to_cropped_input_grid(
 ) -> np.ndarray:
     """Map one (X, Y, Z) channel from the (uncropped) network grid to the ROI-cropped input grid.
 
-    The network grid spans the input grid's extent, so an input voxel outside it lies at most about half a network
-    voxel beyond its last one: it takes the nearest network voxel's value. ITK alone would give it ``default``
-    (background) whenever it falls exactly on that border, as the last input slice does when the network's spacing
-    is twice the input's (a 0.75 mm CT's last row and column, under a 1.5 mm model).
+    The network grid spans the input grid's extent, so an input voxel past the network grid's half-voxel border
+    lies less than a network voxel beyond its last voxel's centre: it takes the edge's value. ITK alone would give it
+    ``default`` (background), or not, as its rounding fell; exactly on that border lies the last input slice when the
+    network's spacing is twice the input's (a 0.75 mm CT's last row and column, under a 1.5 mm model).
     """
     image = network_array_to_image(channel, record.resampled_reference)
     if record.resampled:
