@@ -36,8 +36,8 @@ plain MONAI's to rounding. What differs is how the work is done:
 * **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about twice PyTorch's
   speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`). The trial's float32
   reference runs in PyTorch, so a model that passes the trial never pays for the conversion. With
-  ``backend="openvino"`` bfloat16 windows run there too (1.7 times autocast's speed, about 130 MiB more held);
-  the trial then compares PyTorch's float32 with OpenVINO's bf16 on the same crops (the converted network
+  ``backend="openvino"`` bfloat16 windows run there too (1.7 to 1.8 times autocast's speed, about 130 MiB more
+  held); the trial then compares PyTorch's float32 with OpenVINO's bf16 on the same crops (the converted network
   reshaped to them), so it measures what runs.
 * **Cached blending weights** per window size and mode.
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
