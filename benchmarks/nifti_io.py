@@ -116,8 +116,8 @@ def report(what, name, suffix, image, itk, medseg, itk_bytes, medseg_bytes) -> N
                 "case": f"{what} {name} {suffix}",
                 "voxels": list(image.GetSize()),
                 "uncompressed_MB": round(array.nbytes / 1e6, 3),
-                "itk_seconds": round(itk, 3),
-                "medseg_seconds": round(medseg, 3),
+                "itk_seconds": float(f"{itk:.4g}"),  # 4 significant digits: a small volume's times are not 0
+                "medseg_seconds": float(f"{medseg:.4g}"),
                 "speedup": round(itk / medseg, 2),
                 "itk_MB": round(itk_bytes / 1e6, 3),
                 "medseg_MB": round(medseg_bytes / 1e6, 3),
