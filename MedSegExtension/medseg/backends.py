@@ -358,8 +358,8 @@ def _converted(network, window, threads, use_disk, head) -> _Converted:
         converted = _Converted(model, check, "cache")
     else:
         logger.info("converting the network for OpenVINO (once per model and window; cached in %s)", folder)
-        model = _convert(network, window)
-        compiled = OpenVINONetwork(_compile(_for_shape(model, window), threads), threads, "converted")
+        model, windowed = _convert(network, window)
+        compiled = OpenVINONetwork(_compile(windowed, threads), threads, "converted")
         check = compiled.bound, compiled.flips_per_risk = _check(network, compiled, window, head)
         if use_disk and (reason := _write_cache(model, folder, check)):
             logger.warning(reason)
@@ -370,7 +370,8 @@ def _converted(network, window, threads, use_disk, head) -> _Converted:
 
 def _convert(network: torch.nn.Module, input_shape: Sequence[int]):
     """The network converted with a dynamic window batch and, where it converts so, dynamic spatial dimensions
-    (compiled for one shape at a time by :func:`_for_shape`, as fast as a static conversion); else static ones."""
+    (compiled for one shape at a time by :func:`_for_shape`, as fast as a static conversion); else static ones.
+    Returns the model and its copy for ``input_shape`` (the model itself when static)."""
     import openvino
 
     example = torch.zeros((1, *input_shape))
@@ -381,12 +382,12 @@ def _convert(network: torch.nn.Module, input_shape: Sequence[int]):
         warnings.simplefilter("ignore")  # tracer warnings about Python values frozen into the graph
         try:
             model = openvino.convert_model(rewritten, example_input=example, input=dynamic)
-            _for_shape(model, input_shape)  # its shapes infer for the window
-            return model
+            return model, _for_shape(model, input_shape)  # its shapes must infer for the window
         except Exception as error:  # a shape the network fixes (a transformer's patches): convert for the window
             logger.debug("OpenVINO converts the network for its window only: %s", _first_line(error))
         try:
-            return openvino.convert_model(rewritten, example_input=example, input=[(-1, *input_shape)])
+            model = openvino.convert_model(rewritten, example_input=example, input=[(-1, *input_shape)])
+            return model, model
         except Exception as error:  # the converter raises many types; each means "cannot run this network"
             raise BackendUnavailableError(f"OpenVINO could not convert the network: {_first_line(error)}") from error
 

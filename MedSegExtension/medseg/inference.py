@@ -797,22 +797,24 @@ def _openvino_precision(runner: _Runner) -> str | None:
 
 
 class _OpenVINOLowPrecision:
-    """bf16 windows in OpenVINO, compiled for each window shape when first run: the network's windows, or the
-    trial's central crops (the converted network reshaped to them, so the trial measures what runs)."""
+    """bf16 windows in OpenVINO, compiled for each window shape when first run (and held by
+    :func:`medseg.backends.openvino_network`): the network's windows, or the trial's central crops (the converted
+    network reshaped to them, so the trial measures what runs)."""
 
     precision = "bf16"
 
     def __init__(self, network: torch.nn.Module, input_shape: tuple, head=None) -> None:
         self.network, self.input_shape, self.head = network, input_shape, head
-        self._compiled: dict[tuple, backends.OpenVINONetwork] = {}
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        shape = tuple(batch.shape[1:])
-        if shape not in self._compiled:
-            self._compiled[shape] = backends.openvino_network(
-                self.network, shape, head=self.head, precision=self.precision, converted_for=self.input_shape
-            )
-        return self._compiled[shape](batch)
+        compiled = backends.openvino_network(
+            self.network,
+            tuple(batch.shape[1:]),
+            head=self.head,
+            precision=self.precision,
+            converted_for=self.input_shape,
+        )
+        return compiled(batch)
 
 
 def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=None) -> _Runner | None:

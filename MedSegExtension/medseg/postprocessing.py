@@ -45,7 +45,7 @@ def _to_cropped_input_grid(
     """
     image = network_array_to_image(channel, record.resampled_reference)
     if record.resampled:
-        image = record.cropped_reference.resample(image, interpolator, default, extrapolate=True)
+        image = record.cropped_reference.resample(image, interpolator, default)
     else:
         # Only axes were permuted and flipped: undo exactly, then snap the geometry to the input's.
         image = record.cropped_reference.apply(reorient(image, record.original_orientation))
@@ -144,9 +144,7 @@ def restore_argmax_on(probabilities, record: PreprocessRecord, device) -> np.nda
         if isinstance(probabilities, torch.Tensor):
             probabilities = probabilities.cpu().numpy()
         return restore_argmax(probabilities, record)
-    resample = AxisAlignedResampler(  # as _to_cropped_input_grid: the border's voxels take their nearest's value
-        maps, record.resampled_reference.GetSize(), record.cropped_reference.GetSize(), device, extrapolate=True
-    )
+    resample = AxisAlignedResampler(maps, record.cropped_reference.GetSize(), device)
     best = labels = None
     with torch.inference_mode():
         for k, channel in enumerate(probabilities):
@@ -156,7 +154,7 @@ def restore_argmax_on(probabilities, record: PreprocessRecord, device) -> np.nda
             else:
                 channel = _uncrop_foreground(channel[None], record, [fill])[0]
                 channel = torch.from_numpy(np.ascontiguousarray(channel)).to(device).float()
-            values = resample(channel, fill)
+            values = resample(channel)
             if best is None:
                 best, labels = values, torch.zeros(values.shape, dtype=torch.uint8, device=device)
                 continue

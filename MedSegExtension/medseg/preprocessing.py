@@ -111,25 +111,17 @@ class Geometry:
         origin = np.array(self.origin) + matrix @ (np.array(box.start) * np.array(self.spacing))
         return Geometry(tuple(box.size), self.spacing, tuple(float(v) for v in origin), self.direction)
 
-    def resample(
-        self,
-        image: sitk.Image,
-        interpolator: int,
-        default: float,
-        pixel_id: int | None = None,
-        *,
-        extrapolate: bool = False,
-    ) -> sitk.Image:
+    def resample(self, image: sitk.Image, interpolator: int, default: float, pixel_id: int | None = None) -> sitk.Image:
         """``image`` resampled onto this grid (identity transform), as ``pixel_id`` (by default its own type).
 
-        ``extrapolate``: for a grid over ``image``'s extent whose last points may lie past ``image``'s half-voxel
-        border (by less than a voxel: the grids of :func:`resampled_geometry`, and a result restored onto its
-        input's grid). Where they do, ``image`` is first padded by one voxel that repeats its edge, so those points
-        interpolate between edge voxels (the edge's value) instead of taking ``default``. Without it, ITK gives
-        ``default`` on the last slice of an exact 2x upsampling, or not, as its rounding of that border point falls.
-        The GPU path (:class:`medseg.resampling.AxisAlignedResampler` with ``extrapolate``) clamps the same way.
+        The grids resampled here span the same extent (those of :func:`resampled_geometry`, and a result restored
+        onto its input's grid), but their last points may lie past ``image``'s half-voxel border, by less than a
+        voxel. Where they do, ``image`` is first padded by one voxel that repeats its edge, so those points take the
+        edge's value, not ``default``: ITK alone gives ``default`` on the last slice of an exact 2x upsampling, or
+        not, as its rounding of that border point falls. The GPU path (:class:`medseg.resampling.AxisAlignedResampler`)
+        clamps the same way. ``default`` is left for points further out.
         """
-        if extrapolate and _reaches_border(self, image):
+        if _reaches_border(self, image):
             image = sitk.ZeroFluxNeumannPad(image, [1, 1, 1], [1, 1, 1])
         return sitk.Resample(
             image,
@@ -228,7 +220,7 @@ def resample_to_spacing(
     voxel's centre and rounds the extent); they take the nearest voxel's value, not 0. ITK alone would give 0 on
     the last slice of an exact 2x upsampling, or not, as its rounding of that border point fell.
     """
-    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0, pixel_id, extrapolate=True)
+    return resampled_geometry(image, spacing).resample(image, interpolator, 0.0, pixel_id)
 
 
 def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) -> np.ndarray:
@@ -246,7 +238,7 @@ def resample_to_spacing_on(image: sitk.Image, spacing: Sequence[float], device) 
 
     target = resampled_geometry(image, spacing)
     maps = [(j, float(spacing[j]) / float(image.GetSpacing()[j]), 0.0) for j in range(3)]
-    resample = AxisAlignedResampler(maps, image.GetSize(), target.size, device, extrapolate=True)
+    resample = AxisAlignedResampler(maps, target.size, device)
     with torch.inference_mode():
         stored = sitk.GetArrayViewFromImage(image)  # read-only, and only read: the warning does not apply
         if stored.dtype in UPLOADED_AS_STORED:
@@ -392,5 +384,5 @@ def label_to_network_grid(label: sitk.Image, record: PreprocessRecord) -> np.nda
     """
     if record.roi is not None:
         label = crop(label, record.roi)
-    moved = record.network_reference.resample(label, sitk.sitkNearestNeighbor, 0.0, extrapolate=True)
+    moved = record.network_reference.resample(label, sitk.sitkNearestNeighbor, 0.0)
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(moved).transpose(2, 1, 0))

@@ -3,8 +3,8 @@
 Two grids are axis-aligned when each axis of one maps onto one axis of the other: the reorientation MedSeg does
 (a permutation and flips) and the resampling to the card's spacing (a scale per axis) keep grids so. Then
 trilinear interpolation is three 1D interpolations, each a pair of ``index_select`` calls, and SimpleITK's
-``Resample`` (identity transform, linear, a default value outside) is reproduced: neighbours are clamped at the
-border, and points more than half a voxel outside the source grid take the default value, as ITK does.
+``Resample`` as :meth:`medseg.preprocessing.Geometry.resample` calls it is reproduced: neighbours are clamped at the
+border, so points past it (less than a voxel, between grids over the same extent) take the edge's values.
 """
 
 from __future__ import annotations
@@ -34,38 +34,20 @@ def interpolate_axis(values: torch.Tensor, axis: int, coords: torch.Tensor) -> t
 class AxisAlignedResampler:
     """Resamples (X, Y, Z) tensors from a source grid onto an output grid of ``out_size`` through ``maps``."""
 
-    def __init__(
-        self,
-        maps: Sequence[AxisMap],
-        source_size: Sequence[int],
-        out_size: Sequence[int],
-        device,
-        *,
-        extrapolate: bool = False,
-    ) -> None:
-        """``extrapolate``: points outside the source take the nearest voxel's value (as
-        :meth:`medseg.preprocessing.Geometry.resample` with ``extrapolate``); else the call's ``fill``."""
+    def __init__(self, maps: Sequence[AxisMap], out_size: Sequence[int], device) -> None:
+        """Points past the source's border take the edge's values (:func:`interpolate_axis` clamps), as
+        :meth:`medseg.preprocessing.Geometry.resample` gives them: the grids resampled here span the same extent,
+        so such points lie less than a voxel past it."""
         self.order = [a for a, _, _ in maps]
         if sorted(self.order) != [0, 1, 2]:
             raise ValueError(f"each output axis must come from a different source axis, got {self.order}")
-        self.coords = []
-        self.inside = None
-        for j, (axis, scale, offset) in enumerate(maps):
-            u = torch.arange(int(out_size[j]), dtype=torch.float64, device=device) * scale + offset
-            # inside as ITK's interpolators count it (ImageFunction::IsInsideBuffer): from half a voxel before the
-            # first voxel, to strictly less than half a voxel past the last (an exact 2x upsampling's last point)
-            valid = (u >= -0.5) & (u < source_size[axis] - 0.5)
-            self.coords.append(u)
-            if extrapolate:  # interpolate_axis clamps to the edge voxels
-                continue
-            shape = [1, 1, 1]
-            shape[j] = -1
-            self.inside = valid.reshape(shape) if self.inside is None else self.inside & valid.reshape(shape)
+        self.coords = [
+            torch.arange(int(out_size[j]), dtype=torch.float64, device=device) * scale + offset
+            for j, (_, scale, offset) in enumerate(maps)
+        ]
 
-    def __call__(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
         values = values.permute(*self.order)
         for j in range(3):
             values = interpolate_axis(values, j, self.coords[j])
-        if self.inside is None:
-            return values
-        return torch.where(self.inside, values, torch.tensor(fill, dtype=values.dtype, device=values.device))
+        return values

@@ -252,7 +252,7 @@ def test_device_resampling_uploads_the_stored_voxels_and_gets_the_same_numbers(d
     spacing = (1.3, 0.9, 1.7)
     maps = [(j, spacing[j] / image.GetSpacing()[j], 0.0) for j in range(3)]
     size = resampled_geometry(image, spacing).size
-    resample = AxisAlignedResampler(maps, image.GetSize(), size, "cpu", extrapolate=True)
+    resample = AxisAlignedResampler(maps, size, "cpu")
     expected = resample(torch.from_numpy(image_to_network_array(image))).numpy()
     values = resample_to_spacing_on(image, spacing, torch.device("cpu"))
     assert values.dtype == np.float32 and values.shape == expected.shape == (13, 21, 18)
