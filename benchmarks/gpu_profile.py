@@ -1,12 +1,17 @@
 """Where a GPU sliding-window run spends its time: for a device lease, when a ratio in benchmarks/inference.py
 needs explaining. One process, one model, one JSON line per measurement:
 
-* ``window``: the network alone on a window batch, per window, in float32 and float16, in the NCDHW and the
-  channels-last (NDHWC) layout, cuDNN autotuned, median of 5 after 2 warm-ups;
+* ``window``: the network alone on a window batch, per window, in float32 and the device's low precision (float16
+  on a GPU, bfloat16 on a CPU with AMX or AVX-512-BF16, none on other CPUs), in the NCDHW and the channels-last
+  (NDHWC) layout, cuDNN autotuned, median of 5 after 2 warm-ups;
 * ``monai``: plain ``sliding_window_inference(x, roi, 1, net, overlap=0.25)`` plus ``argmax``, as in inference.py;
-* ``medseg``: ``sliding_window_labels`` in fp32, fp16 and auto: time, precision, window batch, peak memory, and
-  agreement with and speed-up over ``monai``;
-* ``profile``: torch's profiler over one float16 MedSeg run: the operators with the most device time of their own.
+* ``medseg``: ``sliding_window_labels`` in fp32, the low precision and auto: time, precision, window batch, peak
+  memory, and agreement with and speed-up over ``monai``;
+* ``profile``: torch's profiler over one low-precision MedSeg run: the operators with the most device time of
+  their own.
+
+Not float16 on a CPU: where it lacks AVX-512-FP16, PyTorch's float16 convolutions fall back to kernels that ran a
+32^3 DynUNet window in 32 s against 0.13 s in float32 (an AMD EPYC, session 13).
 
     python benchmarks/gpu_profile.py --model dynunet --classes 105 --shape 272 272 224 --roi 128 128 128
     python benchmarks/gpu_profile.py --device cpu --model dynunet --classes 3 --shape 40 40 32 --roi 32 32 32
@@ -47,6 +52,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    low = inference.low_precision_for(device)  # float16 on a GPU, bfloat16 on a CPU that runs it fast, else None
+    low_name = {torch.float16: "fp16", torch.bfloat16: "bf16", None: None}[low]
 
     def sync() -> None:
         if cuda:
@@ -86,7 +93,7 @@ def main() -> None:
 
         if "window" in args.parts:
             torch.backends.cudnn.benchmark = True
-            for dtype in (torch.float32, torch.float16):
+            for dtype in [torch.float32] + ([low] if low is not None else []):
                 for layout in (torch.contiguous_format, torch.channels_last_3d):
                     for batch in (1, 2):
                         net = network.to(memory_format=layout)
@@ -136,7 +143,10 @@ def main() -> None:
 
         if "medseg" in args.parts:
             # fp32 with the logits blended, as before feature blending: its memory and speed beside the default's
-            for precision, blend in (("fp32", True), ("fp32", False), ("fp16", True), ("auto", True)):
+            runs = (
+                [("fp32", True), ("fp32", False)] + ([(low_name, True)] if low is not None else []) + [("auto", True)]
+            )
+            for precision, blend in runs:
                 report = inference.InferenceReport()
                 reset_peak()
                 seconds, labels = timed(lambda p=precision, r=report, b=blend: medseg(p, r, b))
@@ -154,19 +164,19 @@ def main() -> None:
                     row["speedup_vs_monai"] = round(monai_seconds / seconds, 2)
                 emit(row)
 
-        if "profile" in args.parts:
+        if "profile" in args.parts and low is not None:
             from torch.profiler import ProfilerActivity, profile
 
             report = inference.InferenceReport()
-            medseg("fp16", report)  # warm
+            medseg(low_name, report)  # warm
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=activities) as prof:
-                medseg("fp16", report)
+                medseg(low_name, report)
                 sync()
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
             events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
             top = [{"op": e.key[:60], "ms": round(getattr(e, key, 0) / 1000, 2), "calls": e.count} for e in events[:15]]
-            emit({"part": "profile", "precision": "fp16", "by": key, "top": top})
+            emit({"part": "profile", "precision": low_name, "by": key, "top": top})
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         default="auto",
         help="auto: bf16/fp16 where the device runs it fast and the first windows show it cannot change the "
-        "labels, else fp32 (default: %(default)s)",
+        "labels, else fp32; fp16 is for GPUs (on most CPUs it is many times slower than fp32) "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--window-batch",
@@ -156,7 +157,7 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         default="auto",
         help="what runs the windows on the CPU: auto (float32 in OpenVINO when installed, else PyTorch; bf16 in "
-        "PyTorch), torch, or openvino (float32 and bf16 in OpenVINO: fastest, about 130 MiB more memory) "
+        "PyTorch), torch, or openvino (float32 and bf16 in OpenVINO: fastest, about 100 MiB more held) "
         "(default: %(default)s)",
     )
     group.add_argument(

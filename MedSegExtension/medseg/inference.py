@@ -36,9 +36,9 @@ plain MONAI's to rounding. What differs is how the work is done:
 * **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about twice PyTorch's
   speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`). The trial's float32
   reference runs in PyTorch, so a model that passes the trial never pays for the conversion. With
-  ``backend="openvino"`` bfloat16 windows run there too (1.7 to 1.8 times autocast's speed, about 130 MiB more
-  held); the trial then compares PyTorch's float32 with OpenVINO's bf16 on the same crops (the converted network
-  reshaped to them), so it measures what runs.
+  ``backend="openvino"`` bfloat16 windows run there too (1.7 to 1.8 times autocast's speed; about 100 MiB held
+  between runs, a peak about 50 MiB above autocast's); the trial then compares PyTorch's float32 with OpenVINO's
+  bf16 on the same crops (run by the same bf16 compilation as the windows), so it measures what runs.
 * **Cached blending weights** per window size and mode.
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
   averaged, as nnU-Net does. Off by default.
@@ -825,10 +825,13 @@ def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=
     2-core Xeon, against 0.039 to 0.057 s for PyTorch's autocast and 0.055 s for OpenVINO's float32 (the same
     day's figures side by side: 1.8 times autocast's speed over a whole sliding window), and on the CT-fitted U-Net
     its labels agreed with float32's as well as autocast's (0.99997 against 0.99996). It is not the auto
-    backend's choice because it holds about 130 MiB more: OpenVINO's CPU plugin (25 MiB), the compiled bf16
-    network (30), its working memory for a window (54) and the trial's crop network (20), where autocast's
-    working memory comes and goes with PyTorch's. A run whose float32 windows go to OpenVINO pays most of that
-    anyway. The network is converted (or read from the cache) here; each window shape is compiled when first run.
+    backend's choice because of memory: OpenVINO's CPU plugin, the compiled bf16 network and its working memory
+    for a window stay resident (about 100 MiB between runs), where autocast's working memory comes and goes with
+    PyTorch's; an end-to-end run's peak is about 50 MiB above autocast's, at the edge of the issue's budget at
+    256x256x160 (411 and 449 MiB against 413 and 412 in two invocations, session 13). A run whose float32
+    windows go to OpenVINO pays most of that anyway. The network is converted (or read from the cache) here, and
+    compiled for bf16 when first run (once for every window shape where it converted with dynamic spatial
+    dimensions).
     """
     if device.type != "cpu" or low != torch.bfloat16 or options.backend != "openvino":
         return None

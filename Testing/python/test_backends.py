@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -76,6 +77,30 @@ def test_openvino_gives_pytorchs_logits_for_any_window_batch_and_caches_the_conv
     assert backends.openvino_network(copy.deepcopy(net), WINDOW).source == "converted"
 
 
+def test_one_compiled_network_serves_several_threads(own_cache):
+    """A compiled network has one OpenVINO request, which refuses a second caller while it runs ("Infer Request is
+    busy"): callers from several threads take turns, and each gets its own input's logits."""
+    compiled = backends.openvino_network(unet(seed=2), WINDOW)
+    inputs = [torch.randn(2, *WINDOW, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    expected = [compiled(x) for x in inputs]
+    failures = []
+
+    def work(index):
+        try:
+            for _ in range(10):
+                if not torch.equal(compiled(inputs[index]), expected[index]):
+                    failures.append(f"thread {index}: other logits")
+        except Exception as error:  # noqa: BLE001 - what the test reports
+            failures.append(f"thread {index}: {error!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
 def test_changed_weights_or_window_get_their_own_conversion(own_cache):
     net = unet()
     backends.openvino_network(net, WINDOW)
@@ -107,12 +132,18 @@ def test_openvino_bf16_is_the_checked_float32_conversion_compiled_again(own_cach
     low, exact = relative_difference(bf16(x), expected), relative_difference(f32(x), expected)
     assert 1e-4 < low < 0.03 and exact < 1e-5
     assert float((bf16(x).argmax(1) == expected.argmax(1)).float().mean()) > 0.99
-    # reshaped to a crop of the window (the engine's trial): the same network on a smaller input, no new conversion
+    # a crop of the window (the engine's trial): the one bf16 compilation runs it too, no new conversion
     crop = backends.openvino_network(net, (1, 16, 16, 16), precision="bf16", converted_for=WINDOW)
+    assert crop is bf16
     small = x[:, :, 4:20, 4:20, 4:20].contiguous()
     with torch.inference_mode():
-        expected = net(small)
-    assert crop(small).shape == expected.shape and 1e-4 < relative_difference(crop(small), expected) < 0.03
+        expected_small = net(small)
+    # windows and crops in turn: each call's logits are its own (OpenVINO writes into the array it returns)
+    windows = bf16(x)
+    crops = crop(small)
+    assert crops.shape == expected_small.shape and 1e-4 < relative_difference(crops, expected_small) < 0.03
+    assert torch.equal(bf16(x), windows) and torch.equal(crop(small), crops)
+    assert 1e-4 < relative_difference(windows, expected) < 0.03
     assert len(list(own_cache.iterdir())) == 1 and backends.openvino_network(net, WINDOW) is f32
     with pytest.raises(ValueError, match="unknown OpenVINO precision 'int8'"):
         backends.openvino_network(net, WINDOW, precision="int8")
@@ -348,8 +379,10 @@ def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
     report = run(InferenceOptions(backend="openvino"))
     assert report.backend == "openvino" and report.trial_shape == (32, 32, 32) and report.windows == 6
     assert report.calibration_disagreement <= 5e-4 and 0 < report.error_bound < 0.5
-    # what ran: the window's and the crop's bf16 networks, from one conversion
-    assert backends.openvino_network(net, (1, 64, 64, 64), precision="bf16").precision == "bf16"
+    # what ran: one bf16 compilation, for the windows and the crops alike
+    window = backends.openvino_network(net, (1, 64, 64, 64), precision="bf16")
+    crops = backends.openvino_network(net, (1, 32, 32, 32), precision="bf16", converted_for=(1, 64, 64, 64))
+    assert window.precision == "bf16" and crops is window
     assert run(InferenceOptions("bf16", backend="openvino")).backend == "openvino"
     mirrored = run(InferenceOptions("bf16", backend="openvino", mirror_axes=(0,)))  # a symmetric kernel: same labels
     assert mirrored.backend == "openvino" and mirrored.mirror_axes == (0,)
@@ -360,17 +393,20 @@ def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
-def test_bf16_in_openvino_whose_crops_do_not_compile_has_its_trial_on_whole_windows(monkeypatch):
-    """Where OpenVINO cannot take the crops (a network converted for its window alone: its shapes are frozen), the
-    trial runs on the whole central windows, and bf16 still runs in OpenVINO. The one stand-in: reshaping refuses
-    every shape but the window's, as a frozen conversion does."""
-    reshape = backends._for_shape
+def test_bf16_in_openvino_whose_crops_do_not_compile_has_its_trial_on_whole_windows(own_cache, monkeypatch):
+    """Where OpenVINO cannot take the crops (a network converted for its window alone, as a transformer's fixed
+    patches make it, whose copy reshaped to the crops then fails shape inference, as MONAI's U-Net's skip
+    connections do), the trial runs on the whole central windows, and bf16 still runs in OpenVINO. Stand-ins: the
+    conversion is asked for the window alone (the engine's own static path), and reshaping refuses every other
+    shape (this small network would reshape)."""
+    convert, reshape = backends._convert, backends._for_shape
 
     def window_only(model, shape):
         if tuple(shape) != (1, 64, 64, 64):
             raise backends.BackendUnavailableError(f"OpenVINO could not reshape the network to {tuple(shape)}")
         return reshape(model, shape)
 
+    monkeypatch.setattr(backends, "_convert", lambda network, shape: convert(network, shape, spatially_dynamic=False))
     monkeypatch.setattr(backends, "_for_shape", window_only)
     net, volume = Confident().eval(), confident_volume()
     settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian")
@@ -379,6 +415,7 @@ def test_bf16_in_openvino_whose_crops_do_not_compile_has_its_trial_on_whole_wind
         net, volume, settings, device=CPU, options=InferenceOptions(backend="openvino"), report=report
     )
     assert (report.precision, report.backend, report.trial_shape) == ("bf16", "openvino", (64, 64, 64))
+    assert not backends._spatially_dynamic(backends.openvino_model(net, (1, 64, 64, 64)))  # frozen to the window
     exact = sliding_window_probabilities(
         net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="torch")
     )

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from helpers import write_dicom_series, write_model_folder
-from medseg import io
+from medseg import inference, io
 from medseg.cli import main
 from medseg.models.card import read_card
 from medseg.models.registry import resources_dir
@@ -374,17 +375,21 @@ def test_the_io_benchmark_checks_its_files_and_reports_every_case():
 
 
 def test_the_gpu_profile_script_runs_on_the_cpu():
-    """benchmarks/gpu_profile.py explains GPU ratios under a lease; on the CPU its parts run the same way, and
+    """benchmarks/gpu_profile.py explains GPU ratios under a lease; on the CPU its parts run the same way, in the
+    CPU's own low precision (bf16 where it runs fast; float16 there can take 250 times float32's time), and
     MedSeg's float32 labels are plain MONAI's."""
     tiny = ["--device", "cpu", "--model", "dynunet", "--classes", "3", "--shape", "40", "40", "24", "--repeats", "1"]
     parts = ["--roi", "32", "32", "32", "--parts", "window", "monai", "medseg"]
     rows = benchmark_rows("gpu_profile.py", *tiny, *parts, timeout=300)
+    low = {torch.bfloat16: "bf16", None: None}[inference.low_precision_for(torch.device("cpu"))]
+    dtypes = ["float32"] + (["bfloat16"] if low else [])
     windows = [r for r in rows if r.get("part") == "window"]
     assert {(r["dtype"], r["layout"], r["batch"]) for r in windows} == {
-        (d, lay, b) for d in ("float32", "float16") for lay in ("ncdhw", "channels_last") for b in (1, 2)
+        (d, lay, b) for d in dtypes for lay in ("ncdhw", "channels_last") for b in (1, 2)
     }
     assert all(r["ms_per_window"] > 0 for r in windows)
     medseg = {r["requested"]: r for r in rows if r.get("part") == "medseg"}
-    assert set(medseg) == {"fp32", "fp16", "auto"}
+    assert set(medseg) == {"fp32", "auto"} | ({low} if low else set())
     assert medseg["fp32"]["precision"] == "fp32" and medseg["fp32"]["agreement"] == 1.0
-    assert medseg["fp16"]["precision"] == "fp16" and medseg["fp16"]["agreement"] > 0.98
+    if low:  # an untrained network's near ties: bfloat16 moves some labels, not many
+        assert medseg[low]["precision"] == low and medseg[low]["agreement"] > 0.98
