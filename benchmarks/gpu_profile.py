@@ -53,7 +53,7 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     low = inference.low_precision_for(device)  # float16 on a GPU, bfloat16 on a CPU that runs it fast, else None
-    low_name = {torch.float16: "fp16", torch.bfloat16: "bf16", None: None}[low]
+    low_name = inference.precision_name(low)
 
     def sync() -> None:
         if cuda:

@@ -151,10 +151,9 @@ class OpenVINONetwork:
             first = request.infer({0: array[:1]}, share_inputs=True)[0]
             shape = self._shapes[array.shape[1:]] = tuple(first.shape[1:])
         out = np.empty((len(array), *shape), dtype=np.float32)
-        for index in range(len(array)):  # OpenVINO reads each window in place and writes its logits into ``out``
-            if index == 0 and first is not None:
-                out[0] = first[0]
-                continue
+        if first is not None:
+            out[0] = first[0]
+        for index in range(0 if first is None else 1, len(array)):  # each window read in place, written into out
             request.set_output_tensor(0, openvino.Tensor(out[index : index + 1], shared_memory=True))
             request.infer({0: array[index : index + 1]}, share_inputs=True, share_outputs=True)
         return torch.from_numpy(out)
@@ -421,7 +420,7 @@ def _spatially_dynamic(model) -> bool:
 
 def _for_shape(model, input_shape: Sequence[int]):
     """``model`` for (batch, *input_shape) input: itself where its input already has that shape, else a reshaped
-    copy (a network converted with dynamic spatial dimensions, compiled for a window or the trial's crops)."""
+    copy (float32's window, or a network converted for its window alone reshaped to the trial's crops)."""
     wanted = [-1, *input_shape]
     if [d.get_length() if d.is_static else -1 for d in model.inputs[0].get_partial_shape()] == wanted:
         return model

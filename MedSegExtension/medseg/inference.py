@@ -67,6 +67,8 @@ from .progress import RunControl
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: The autocast dtype each forced precision runs in (None: float32, no autocast).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``auto`` keeps low precision only when it changes at most this fraction of the labels (trial batch and estimate).
 DISAGREEMENT_BUDGET = 5e-4
 #: The CPU default window batch: 2 keeps PyTorch on oneDNN's convolution (a batch of 1 takes a path about 2x slower).
@@ -277,6 +279,11 @@ def low_precision_for(device: torch.device) -> torch.dtype | None:
     if cpu is not None and (_probe(cpu, "_is_amx_tile_supported") or _probe(cpu, "_is_avx512_bf16_supported")):
         return torch.bfloat16
     return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The name of the precision that runs in an autocast ``dtype`` (None: ``"fp32"``)."""
+    return next(name for name, value in AUTOCAST_DTYPES.items() if value == dtype)
 
 
 def _probe(module, name: str) -> bool:
@@ -648,7 +655,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         x = (x.pin_memory() if torch.cuda.is_available() else x).to(device, non_blocking=True)
     weights = _blend_weights(roi, settings.blend_mode).to(device)
 
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(options.precision)
+    low = AUTOCAST_DTYPES.get(options.precision)
     if options.precision == "auto":
         low = low_precision_for(device)
     fp32 = _Runner(body, device, None, options.mirror_axes)  # PyTorch's: the trial's reference
@@ -683,7 +690,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             batch = plan.batch if plan is not None else min(CPU_WINDOW_BATCH, len(starts))
         report.device, report.window_batch, report.windows = str(device), batch, len(starts)
         report.mirror_axes = tuple(options.mirror_axes)
-        report.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low]
+        report.precision = precision_name(low)
         groups = list(_batches(starts, batch))
         trial_size = min(batch, GPU_TRIAL_WINDOWS) if cuda else batch
         calibration = None
@@ -797,24 +804,23 @@ def _openvino_precision(runner: _Runner) -> str | None:
 
 
 class _OpenVINOLowPrecision:
-    """bf16 windows in OpenVINO, compiled for each window shape when first run (and held by
-    :func:`medseg.backends.openvino_network`): the network's windows, or the trial's central crops (the converted
-    network reshaped to them, so the trial measures what runs)."""
+    """bf16 windows in OpenVINO, for the network's windows and the trial's central crops alike, so the trial
+    measures what runs: one compilation for both where the network converted with dynamic spatial dimensions, else
+    one per shape (held by :func:`medseg.backends.openvino_network`, looked up once per shape and run)."""
 
     precision = "bf16"
 
     def __init__(self, network: torch.nn.Module, input_shape: tuple, head=None) -> None:
         self.network, self.input_shape, self.head = network, input_shape, head
+        self._compiled: dict[tuple, backends.OpenVINONetwork] = {}
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        compiled = backends.openvino_network(
-            self.network,
-            tuple(batch.shape[1:]),
-            head=self.head,
-            precision=self.precision,
-            converted_for=self.input_shape,
-        )
-        return compiled(batch)
+        shape = tuple(batch.shape[1:])
+        if shape not in self._compiled:
+            self._compiled[shape] = backends.openvino_network(
+                self.network, shape, head=self.head, precision=self.precision, converted_for=self.input_shape
+            )
+        return self._compiled[shape](batch)
 
 
 def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=None) -> _Runner | None:

@@ -26,6 +26,7 @@ from .inference import (
     InferenceReport,
     low_precision_for,
     mirror_axes_for,
+    precision_name,
     release_memory,
     select_device,
     sliding_window_probabilities,
@@ -109,7 +110,7 @@ class Segmenter:
         """A preview's inference: the device's fast precision without the trial, unless one was asked for."""
         precision = self.inference.precision
         if precision == "auto":
-            precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[low_precision_for(self.device)]
+            precision = precision_name(low_precision_for(self.device))
         return replace(self.inference, precision=precision, mirror_axes=())  # no mirroring in a preview
 
     def _restore_labels(self, probabilities, record, report: InferenceReport):

@@ -381,7 +381,8 @@ def test_the_gpu_profile_script_runs_on_the_cpu():
     tiny = ["--device", "cpu", "--model", "dynunet", "--classes", "3", "--shape", "40", "40", "24", "--repeats", "1"]
     parts = ["--roi", "32", "32", "32", "--parts", "window", "monai", "medseg"]
     rows = benchmark_rows("gpu_profile.py", *tiny, *parts, timeout=300)
-    low = {torch.bfloat16: "bf16", None: None}[inference.low_precision_for(torch.device("cpu"))]
+    dtype = inference.low_precision_for(torch.device("cpu"))
+    low = inference.precision_name(dtype) if dtype is not None else None
     dtypes = ["float32"] + (["bfloat16"] if low else [])
     windows = [r for r in rows if r.get("part") == "window"]
     assert {(r["dtype"], r["layout"], r["batch"]) for r in windows} == {
