@@ -157,7 +157,7 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         default="auto",
         help="what runs the windows on the CPU: auto (float32 in OpenVINO when installed, else PyTorch; bf16 in "
-        "PyTorch), torch, or openvino (float32 and bf16 in OpenVINO: fastest, about 100 MiB more held) "
+        "PyTorch), torch, or openvino (float32 and bf16 in OpenVINO: fastest, about 75 MiB more held) "
         "(default: %(default)s)",
     )
     group.add_argument(

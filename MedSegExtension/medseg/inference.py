@@ -36,8 +36,8 @@ plain MONAI's to rounding. What differs is how the work is done:
 * **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about twice PyTorch's
   speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`). The trial's float32
   reference runs in PyTorch, so a model that passes the trial never pays for the conversion. With
-  ``backend="openvino"`` bfloat16 windows run there too (1.7 to 1.8 times autocast's speed; about 100 MiB held
-  between runs, a peak about 50 MiB above autocast's); the trial then compares PyTorch's float32 with OpenVINO's
+  ``backend="openvino"`` bfloat16 windows run there too (1.7 to 1.8 times autocast's speed; about 75 MiB more held
+  between runs, a peak 30 to 50 MiB above autocast's); the trial then compares PyTorch's float32 with OpenVINO's
   bf16 on the same crops (run by the same bf16 compilation as the windows), so it measures what runs.
 * **Cached blending weights** per window size and mode.
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
@@ -528,6 +528,12 @@ class _Runner:
                 del out
         return total / len(self.flips)
 
+    def release_memory(self) -> None:
+        """The windows are done: a network in OpenVINO gives its working memory back (PyTorch's already went)."""
+        release = getattr(self.network, "release_memory", None)
+        if release is not None:
+            release()
+
 
 def _slab_axis(shape: Sequence[int]) -> int:
     """The spatial axis (0, 1, 2) along which windows are streamed: the one with the most voxels."""
@@ -738,6 +744,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                     else f"{report.precision} changed {calibration.disagreement:.3%} of the labels of a trial window "
                     f"batch (budget {DISAGREEMENT_BUDGET:.3%}); running in float32",
                 )
+                runner.release_memory()  # the trial's low-precision working memory
                 runner, report.precision, calibration = whole_fp32(), "fp32", None
                 report.backend = "openvino" if _openvino_precision(runner) else "torch"
                 if plan is not None and (replanned := float32_batch()) != batch:
@@ -764,7 +771,9 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         stream.check_finite = report.precision == "fp16"  # float16's range: an overflow sends the run to float32
 
         # the trial batch keeps its float32 logits (the same batch as in the stream: the same numbers)
-        at_risk = stream.run(lambda i, g: known.pop(i) if i in known else runner(stacked(g)), control)
+        at_risk = stream.run(
+            lambda i, g: known.pop(i) if i in known else runner(stacked(g)), control, runner.release_memory
+        )
         redo = None
         if stream.nonfinite:
             redo = (
@@ -783,7 +792,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                 batch = report.window_batch = replanned
                 stream.regroup(list(_batches(starts, batch)))
             stream.calibration = _openvino_rounding(rerun)  # a low-precision run redone in OpenVINO: check it too
-            at_risk = stream.run(lambda i, g: rerun(stacked(g)), quiet)
+            at_risk = stream.run(lambda i, g: rerun(stacked(g)), quiet, rerun.release_memory)
             if stream.calibration is not None and _estimate(report, at_risk, stream.calibration) > DISAGREEMENT_BUDGET:
                 _note(report, _too_near_ties(report, stream.calibration, openvino=True))
                 report.backend, stream.calibration = "torch", None
@@ -822,6 +831,10 @@ class _OpenVINOLowPrecision:
             )
         return self._compiled[shape](batch)
 
+    def release_memory(self) -> None:
+        for compiled in self._compiled.values():
+            compiled.release_memory()
+
 
 def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=None) -> _Runner | None:
     """With ``backend="openvino"``, the runner of bfloat16 windows on the CPU in OpenVINO; else None (PyTorch's
@@ -831,10 +844,11 @@ def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=
     2-core Xeon, against 0.039 to 0.057 s for PyTorch's autocast and 0.055 s for OpenVINO's float32 (the same
     day's figures side by side: 1.8 times autocast's speed over a whole sliding window), and on the CT-fitted U-Net
     its labels agreed with float32's as well as autocast's (0.99997 against 0.99996). It is not the auto
-    backend's choice because of memory: OpenVINO's CPU plugin, the compiled bf16 network and its working memory
-    for a window stay resident (about 100 MiB between runs), where autocast's working memory comes and goes with
-    PyTorch's; an end-to-end run's peak is about 50 MiB above autocast's, at the edge of the issue's budget at
-    256x256x160 (411 and 449 MiB against 413 and 412 in two invocations, session 13). A run whose float32
+    backend's choice because of memory: OpenVINO's CPU plugin and the compiled bf16 network stay resident (170 MiB
+    between runs against autocast's 93, session 14), and its working memory for a window is its own, where
+    autocast's comes and goes with PyTorch's and the blending reuses it; an end-to-end run's peak is 30 to 50 MiB
+    above autocast's, at the edge of the issue's budget at 256x256x160 (411 and 449 MiB against 413 and 412 in two
+    invocations, session 13; 424 against 440, session 14). A run whose float32
     windows go to OpenVINO pays most of that anyway. The network is converted (or read from the cache) here, and
     compiled for bf16 when first run (once for every window shape where it converted with dynamic spatial
     dimensions).
@@ -1021,8 +1035,11 @@ class _SlabStream:
             [s for g in groups for s in g], len(groups[0]), self.roi, self.axis, self.shape[self.axis]
         )
 
-    def run(self, compute, control: RunControl) -> float:
-        """Blend every batch ``compute(index, group)`` returns; the fraction of voxels within the error bound."""
+    def run(self, compute, control: RunControl, done=None) -> float:
+        """Blend every batch ``compute(index, group)`` returns; the fraction of voxels within the error bound.
+
+        ``done()``, where given, is called once the last batch is computed, before the last slab is finished.
+        """
         acc = norm = None
         start = self.groups[0][0][self.axis]
         at_risk = nonfinite = 0
@@ -1048,6 +1065,9 @@ class _SlabStream:
                     view[(slice(None), *region)].addcmul_(piece, self.weights)
                     norm[region].add_(self.weights)
             control.report("inference", (index + 1) / len(self.groups))
+        del logits
+        if done is not None:
+            done()
         risky, bad = self._flush(acc, norm, start, self.shape[self.axis] - start)
         self._drain(keep=0)
         self.nonfinite = int(nonfinite + bad)

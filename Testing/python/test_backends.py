@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import Confident, cpu_has_fast_bf16, unsure_but_for_a_confident_middle
 from medseg import backends
+from medseg import inference as inference_module
 from medseg.errors import MedSegError
 from medseg.inference import (
     DeviceError,
@@ -99,6 +100,60 @@ def test_one_compiled_network_serves_several_threads(own_cache):
     for thread in threads:
         thread.join()
     assert not failures
+
+
+def test_a_network_that_gave_its_memory_back_runs_again_with_the_same_logits(own_cache):
+    """``release_memory`` drops the request and its working memory; the next call makes a new request, for a window
+    shape it has run before or a new one (bf16's one compilation for every shape), with the same logits."""
+    net = unet(seed=7)
+    for precision in ("f32", "bf16"):
+        compiled = backends.openvino_network(net, WINDOW, precision=precision)
+        shapes = [WINDOW] if precision == "f32" else [WINDOW, (1, 16, 16, 16)]
+        inputs = [torch.randn(2, *shape, generator=torch.Generator().manual_seed(8)) for shape in shapes]
+        expected = [compiled(x) for x in inputs]
+        for _ in range(2):  # released twice in a row: nothing to give back the second time, and no error
+            compiled.release_memory()
+        assert compiled._request is None
+        assert all(torch.equal(compiled(x), e) for x, e in zip(inputs, expected))
+        assert compiled._request is not None
+
+
+def test_each_sliding_window_run_gives_openvinos_memory_back_once_its_windows_are_done(monkeypatch):
+    """The windows' network releases its working memory after the last window batch and before the last slab is
+    finished (the blending's biggest temporaries), and the trial's bf16 network when the trial rejects it; the
+    labels are those of a run that keeps it."""
+    net = unet(seed=5, classes=2)
+    volume = np.random.default_rng(6).normal(size=(1, 60, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="gaussian")
+    options = InferenceOptions("fp32", backend="openvino")
+    kept = sliding_window_probabilities(net, volume, settings, device=CPU, options=options)
+    events = []
+    release, flush = backends.OpenVINONetwork.release_memory, inference_module._SlabStream._flush
+
+    def released(self):
+        events.append(("release", self.precision))
+        release(self)
+
+    def flushed(self, acc, norm, start, length):
+        events.append(("flush", start + length == self.shape[self.axis]))  # True: the last slab
+        return flush(self, acc, norm, start, length)
+
+    monkeypatch.setattr(backends.OpenVINONetwork, "release_memory", released)
+    monkeypatch.setattr(inference_module._SlabStream, "_flush", flushed)
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options, report=report)
+    assert report.backend == "openvino" and report.precision == "fp32"
+    np.testing.assert_array_equal(out, kept)
+    assert events.count(("release", "f32")) == 1
+    assert events[-2:] == [("release", "f32"), ("flush", True)]
+    if cpu_has_fast_bf16():  # an unsure model's trial rejects bf16: its network gives its memory back at once
+        events.clear()
+        report = InferenceReport()
+        sliding_window_probabilities(
+            net, volume, settings, device=CPU, options=InferenceOptions(backend="openvino"), report=report
+        )
+        assert report.precision == "fp32" and report.calibration_disagreement > 5e-4
+        assert events[0] == ("release", "bf16") and events[-2:] == [("release", "f32"), ("flush", True)]
 
 
 def test_changed_weights_or_window_get_their_own_conversion(own_cache):
