@@ -696,6 +696,46 @@ def test_labels_streamed_slab_by_slab_are_the_argmax_of_the_probabilities(shape)
     np.testing.assert_array_equal(labels, probabilities.argmax(0))
 
 
+def test_finished_slabs_give_the_same_result_in_chunks_of_any_size(monkeypatch):
+    """The CPU finishes a slab in chunks of about ``CPU_FLUSH_CHUNK_BYTES`` of logits: one slice at a time or all
+    at once, the labels and the count of voxels near a tie are the same, bit for bit, and so are the
+    probabilities to the last bit of float32 (PyTorch's softmax vectorises a chunk by its shape; in place, through
+    a slab of blended features for a pointwise head, or into float16)."""
+    volume = np.random.default_rng(8).normal(size=(1, 44, 30, 20)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="gaussian")
+    features = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode="gaussian")
+    big = np.random.default_rng(9).normal(size=(1, 70, 40, 36)).astype(np.float32)
+
+    # an error bound on every run, so that the voxels near a tie are counted (no flips: no redo)
+    monkeypatch.setattr(inference, "_openvino_rounding", lambda runner: inference._Calibration(0.02, 0.0, 0.0))
+
+    def results():
+        report = InferenceReport()
+        ov = InferenceOptions("fp32", backend="auto")
+        runs = [
+            sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=ov, report=report),
+            sliding_window_probabilities(
+                small_unet(), volume, settings, device=CPU, options=FP32, out_dtype=np.float16
+            ),
+            inference.sliding_window_labels(small_unet(), volume, settings, device=CPU, options=FP32),
+            sliding_window_probabilities(many_class_dynunet(), big, features, device=CPU, options=FP32),
+        ]
+        return runs, report.at_risk_fraction
+
+    monkeypatch.setattr(inference, "CPU_FLUSH_CHUNK_BYTES", 1)  # a slice per chunk
+    sliced, sliced_risk = results()
+    monkeypatch.setattr(inference, "CPU_FLUSH_CHUNK_BYTES", 2**40)  # the whole finished part at once
+    whole, whole_risk = results()
+    for a, b in zip(sliced, whole):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.dtype == np.uint8:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-7 if a.dtype == np.float32 else 1e-3)
+            np.testing.assert_array_equal(a.argmax(0), b.argmax(0))
+    assert sliced_risk == whole_risk and sliced_risk > 0
+
+
 def many_class_dynunet(classes: int = 12, seed: int = 0) -> torch.nn.Module:
     """nnU-Net's shape in small: a DynUNet whose 1x1x1 output block reads 8 features and writes ``classes``."""
     torch.manual_seed(seed)
