@@ -10,8 +10,8 @@ about twice as fast on this project's 2-core Xeon (AMX):
   times autocast's speed over a whole sliding window measured side by side. Its labels agreed with float32's as well as
   autocast's did (on the CT-fitted U-Net 0.99997 against 0.99996; on the untrained one 0.9977 against 0.9972).
   Low precision is never checked here: the engine's auto precision measures it on each input, as for autocast.
-  The engine uses it with ``backend="openvino"`` only: it holds about 75 MiB more than autocast between runs, and
-  peaks 30 to 50 MiB higher (see :mod:`medseg.inference`).
+  The engine's auto backend uses it on a CPU with fast bf16 (AMX or AVX-512-BF16) since session 14: it holds
+  about 75 MiB more than autocast between runs, with the same peak (see :mod:`medseg.inference`).
 
 The answer stays PyTorch's to within float32 rounding. OpenVINO sums in a different order, so the logits differ by
 about 2e-4 of their range on that U-Net, and 2 voxels in 100 000 changed label on a random window.

@@ -156,9 +156,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="what runs the windows on the CPU: auto (float32 in OpenVINO when installed, else PyTorch; bf16 in "
-        "PyTorch), torch, or openvino (float32 and bf16 in OpenVINO: fastest, about 75 MiB more held) "
-        "(default: %(default)s)",
+        help="what runs the windows on the CPU: auto (float32 and bf16 in OpenVINO when installed and the network "
+        "converts, else PyTorch), torch, or openvino (OpenVINO or an error) (default: %(default)s)",
     )
     group.add_argument(
         "--tta",

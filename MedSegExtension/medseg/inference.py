@@ -33,12 +33,12 @@ plain MONAI's to rounding. What differs is how the work is done:
   result there (``keep_on_device``) when it fits the budget: the logits then accumulate in it. A caller that wants
   labels on the network's grid gets them slab by slab (``labels_only``: no class maps at all). The input goes to
   the GPU once, from pinned memory.
-* **Float32 windows on the CPU run in OpenVINO** when it is installed (``backend="auto"``): about twice PyTorch's
-  speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`). The trial's float32
-  reference runs in PyTorch, so a model that passes the trial never pays for the conversion. With
-  ``backend="openvino"`` bfloat16 windows run there too (1.7 to 1.8 times autocast's speed; about 75 MiB more held
-  between runs, a peak 30 to 50 MiB above autocast's); the trial then compares PyTorch's float32 with OpenVINO's
-  bf16 on the same crops (run by the same bf16 compilation as the windows), so it measures what runs.
+* **The CPU's windows run in OpenVINO** when it is installed (``backend="auto"``): float32 about twice PyTorch's
+  speed for 3D U-Nets, within float32 rounding of PyTorch's logits (:mod:`medseg.backends`), and bfloat16, on a
+  CPU that runs it fast, 1.6 to 1.8 times autocast's speed, with autocast's peak memory (since session 14; about
+  75 MiB more held between runs). The trial compares PyTorch's float32 with OpenVINO's bf16 on the same crops (run
+  by the same bf16 compilation as the windows), so it measures what runs. A network OpenVINO cannot take runs in
+  PyTorch, with a note; ``backend="torch"`` keeps everything there.
 * **Cached blending weights** per window size and mode.
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
   averaged, as nnU-Net does. Off by default.
@@ -135,9 +135,9 @@ class InferenceOptions:
         mirror_axes: spatial axes (0, 1, 2 = x, y, z) to mirror for test-time augmentation, among those the model
             card allows (``inference.mirror_axes``: the axes its training flipped); ``"model"`` for all of those;
             () for none. See :func:`mirror_axes_for`.
-        backend: what runs the windows on the CPU: ``auto`` (float32 in OpenVINO when installed and the network
-            converts, else PyTorch; bf16 in PyTorch), ``torch``, or ``openvino`` (float32 and bf16 in OpenVINO; an
-            error when it cannot be used). GPUs and float16 always run in PyTorch.
+        backend: what runs the windows on the CPU: ``auto`` (float32 and, on a CPU with fast bf16, bf16 in
+            OpenVINO when installed and the network converts, else PyTorch), ``torch``, or ``openvino`` (float32
+            and bf16 in OpenVINO; an error when it cannot be used). GPUs and float16 always run in PyTorch.
         gpu_memory_gib: on a GPU, the memory the run may use for its window batch, blending slab and a result kept
             on the device (never more than is free); None for :data:`DEFAULT_GPU_MEMORY_GIB`.
         blend_features: where the network ends in a pointwise head with fewer input features than classes (a
@@ -672,13 +672,21 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
         low = low_precision_for(device)
     fp32 = _Runner(body, device, None, options.mirror_axes)  # PyTorch's: the trial's reference
 
+    refused = []  # why OpenVINO could not take the network, found converting it for the bf16 windows
+
     @functools.cache
     def whole_fp32() -> _Runner:  # what runs a volume's float32 windows; converted only when first needed
+        if refused:  # the same conversion would fail again, a second time as slowly
+            return fp32
         return _float32_runner(body, device, options, (volume.shape[0], *roi), fp32, report, head)
 
     runner = None
     if low is not None:  # bf16 windows on the CPU: in OpenVINO where it can (before inference mode: it traces)
-        runner = _bf16_openvino_runner(body, device, low, options, (volume.shape[0], *roi), report, head)
+        try:
+            runner = _bf16_openvino_runner(body, device, low, options, (volume.shape[0], *roi), report, head)
+        except backends.BackendUnavailableError as error:  # backend auto: everything runs in PyTorch
+            refused.append(error)
+            _note(report, f"{error}; the windows run in PyTorch")
     if low is not None and runner is None:
         # low-precision windows on the CPU: few-channel transposed convolutions as sub-pixel ones (faster)
         low_body = rewrite.for_cpu(body, float32=False) if device.type == "cpu" else body
@@ -843,28 +851,39 @@ class _OpenVINOLowPrecision:
 
 
 def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=None) -> _Runner | None:
-    """With ``backend="openvino"``, the runner of bfloat16 windows on the CPU in OpenVINO; else None (PyTorch's
-    autocast).
+    """The runner of bfloat16 windows on the CPU in OpenVINO: with ``backend="auto"`` where OpenVINO is installed
+    and the CPU runs bf16 fast (AMX or AVX-512-BF16), and with ``backend="openvino"``. None for PyTorch's autocast
+    (``backend="torch"``, a GPU, another precision).
 
-    OpenVINO's bf16 (AMX) ran a 96^3 window of the 4.8 M-parameter U-Net in 0.021 to 0.025 s on this project's
-    2-core Xeon, against 0.039 to 0.057 s for PyTorch's autocast and 0.055 s for OpenVINO's float32 (the same
-    day's figures side by side: 1.8 times autocast's speed over a whole sliding window), and on the CT-fitted U-Net
-    its labels agreed with float32's as well as autocast's (0.99997 against 0.99996). It is not the auto
-    backend's choice because of memory: OpenVINO's CPU plugin and the compiled bf16 network stay resident (170 MiB
-    between runs against autocast's 93, session 14), and its working memory for a window is its own, where
-    autocast's comes and goes with PyTorch's and the blending reuses it; an end-to-end run's peak is 30 to 50 MiB
-    above autocast's, at the edge of the issue's budget at 256x256x160 (411 and 449 MiB against 413 and 412 in two
-    invocations, session 13; 424 against 440, session 14). A run whose float32
-    windows go to OpenVINO pays most of that anyway. The network is converted (or read from the cache) here, and
+    OpenVINO's bf16 ran a 96^3 window of the 4.8 M-parameter U-Net in 0.021 to 0.025 s on this project's 2-core
+    Xeon (AMX), against 0.039 to 0.057 s for PyTorch's autocast and 0.055 s for OpenVINO's float32 (the same day's
+    figures side by side: 1.8 times autocast's speed over a whole sliding window). On a 2-core AMD EPYC
+    (AVX-512-BF16, no AMX) the CT-fitted U-Net's 24 windows took 1.16 s against autocast's 1.91 s. On that U-Net
+    its labels agreed with float32's as well as autocast's (0.99997 against 0.99996).
+
+    Until session 14 it ran on request only, because of memory: OpenVINO's CPU plugin and the compiled network stay
+    resident (170 MiB between runs against autocast's 93), and its working memory for a window is its own, where
+    autocast's comes and goes and the blending reuses it, so an end-to-end run peaked 30 to 50 MiB above
+    autocast's, at the edge of the issue's budget at 256x256x160. With the CPU's small flush chunks
+    (:data:`CPU_FLUSH_CHUNK_BYTES`) and its working memory given back once the windows are done, its peaks are
+    autocast's (364 to 375 MiB against 335 to 367). The network is converted (or read from the cache) here, and
     compiled for bf16 when first run (once for every window shape where it converted with dynamic spatial
     dimensions).
+
+    Raises:
+        BackendUnavailableError: with ``backend="auto"``, OpenVINO cannot take the network (the caller runs it in
+            PyTorch); with ``backend="openvino"`` that is a :class:`MedSegError`.
     """
-    if device.type != "cpu" or low != torch.bfloat16 or options.backend != "openvino":
+    if device.type != "cpu" or low != torch.bfloat16 or options.backend == "torch":
         return None
+    if options.backend == "auto" and (low_precision_for(device) != low or not backends.openvino_available()):
+        return None  # bf16 forced on a CPU without fast bf16, or no OpenVINO: autocast, as before
     try:
         backends.openvino_model(body, input_shape, head=head)
     except backends.BackendUnavailableError as error:
-        raise MedSegError(f"backend openvino: {error}") from None
+        if options.backend == "openvino":
+            raise MedSegError(f"backend openvino: {error}") from None
+        raise
     report.backend = "openvino"
     return _Runner(_OpenVINOLowPrecision(body, tuple(input_shape), head), device, None, options.mirror_axes)
 

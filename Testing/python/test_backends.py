@@ -415,9 +415,10 @@ def confident_volume() -> np.ndarray:
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
 def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
-    """A confident model: auto keeps bf16; with backend openvino, in OpenVINO, after a trial that compares
-    PyTorch's float32 with OpenVINO's bf16 on the central crops (the converted network reshaped to them). The
-    auto backend keeps bf16 in PyTorch (less memory held). Every way, the labels are float32's."""
+    """A confident model: auto keeps bf16; with backend auto (OpenVINO installed, a CPU with fast bf16) or
+    openvino, in OpenVINO, after a trial that compares PyTorch's float32 with OpenVINO's bf16 on the central crops
+    (the converted network reshaped to them); with backend torch, in PyTorch's autocast. Every way, the labels are
+    float32's."""
     net, volume = Confident().eval(), confident_volume()
     settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian", mirror_axes=(0, 1, 2))
     exact = sliding_window_probabilities(
@@ -443,8 +444,37 @@ def test_bf16_windows_run_in_openvino_after_a_trial_on_crops_in_openvino():
     assert mirrored.backend == "openvino" and mirrored.mirror_axes == (0,)
     for backend in ("auto", "torch"):
         report = run(InferenceOptions(backend=backend))
-        assert report.backend == "torch" and report.trial_shape == (32, 32, 32)
-        assert run(InferenceOptions("bf16", backend=backend)).backend == "torch"
+        assert report.backend == ("openvino" if backend == "auto" else "torch") and report.trial_shape == (32, 32, 32)
+        assert run(InferenceOptions("bf16", backend=backend)).backend == report.backend
+
+
+def test_auto_runs_bf16_in_pytorch_where_openvino_cannot_take_the_network_and_tries_it_once(own_cache, monkeypatch):
+    """backend auto: a network OpenVINO cannot convert runs its bf16 windows in PyTorch's autocast with a note, and
+    a float32 run after a rejected trial does not convert it again; backend openvino refuses it."""
+    conversions = []
+    convert = backends._convert
+
+    def counted(*args, **kwargs):
+        conversions.append(args[1])
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "_convert", counted)
+    volume = np.random.default_rng(1).normal(size=(1, 60, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="constant")
+    net = RefusesTracing().eval()
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    assert report.backend == "torch" and len(conversions) == 1
+    assert report.notes[0].startswith("OpenVINO could not convert the network: ")
+    assert report.notes[0].endswith("windows run in PyTorch")  # "the windows", or "float32 windows" without bf16
+    torch_only = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions(backend="torch")
+    )
+    np.testing.assert_array_equal(out, torch_only)
+    if cpu_has_fast_bf16():  # a trial ran: bf16 kept (a single convolution is sure of itself), or float32 in PyTorch
+        assert report.precision in ("bf16", "fp32") and report.calibration_disagreement is not None
+    with pytest.raises(MedSegError, match="backend openvino: OpenVINO could not convert the network"):
+        sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions(backend="openvino"))
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
