@@ -149,7 +149,7 @@ class OpenVINONetwork:
         """
         with self._request_lock:
             self._request = None
-            release = getattr(self.compiled, "release_memory", None)  # OpenVINO 2024.3 and later
+            release = getattr(self.compiled, "release_memory", None)  # not in every OpenVINO this supports
             if release is not None:
                 release()
 

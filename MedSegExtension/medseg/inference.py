@@ -855,20 +855,10 @@ def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=
     and the CPU runs bf16 fast (AMX or AVX-512-BF16), and with ``backend="openvino"``. None for PyTorch's autocast
     (``backend="torch"``, a GPU, another precision).
 
-    OpenVINO's bf16 ran a 96^3 window of the 4.8 M-parameter U-Net in 0.021 to 0.025 s on this project's 2-core
-    Xeon (AMX), against 0.039 to 0.057 s for PyTorch's autocast and 0.055 s for OpenVINO's float32 (the same day's
-    figures side by side: 1.8 times autocast's speed over a whole sliding window). On a 2-core AMD EPYC
-    (AVX-512-BF16, no AMX) the CT-fitted U-Net's 24 windows took 1.16 s against autocast's 1.91 s. On that U-Net
-    its labels agreed with float32's as well as autocast's (0.99997 against 0.99996).
-
-    Until session 14 it ran on request only, because of memory: OpenVINO's CPU plugin and the compiled network stay
-    resident (170 MiB between runs against autocast's 93), and its working memory for a window is its own, where
-    autocast's comes and goes and the blending reuses it, so an end-to-end run peaked 30 to 50 MiB above
-    autocast's, at the edge of the issue's budget at 256x256x160. With the CPU's small flush chunks
-    (:data:`CPU_FLUSH_CHUNK_BYTES`) and its working memory given back once the windows are done, its peaks are
-    autocast's (364 to 375 MiB against 335 to 367). The network is converted (or read from the cache) here, and
-    compiled for bf16 when first run (once for every window shape where it converted with dynamic spatial
-    dimensions).
+    1.6 to 1.8 times autocast's speed on the project's CPUs, with its labels, and since session 14 with its peak
+    memory (the figures: :mod:`medseg.backends` and the README's *Speed and memory*). The network is converted (or
+    read from the cache) here, and compiled for bf16 when first run (once for every window shape where it
+    converted with dynamic spatial dimensions).
 
     Raises:
         BackendUnavailableError: with ``backend="auto"``, OpenVINO cannot take the network (the caller runs it in
