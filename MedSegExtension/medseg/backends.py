@@ -255,8 +255,11 @@ def _write_cache(model, folder: Path, check: tuple[float, float]) -> str | None:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-    except OSError as error:
-        return f"could not cache the OpenVINO model in {folder}: {error}"
+    # OSError, and OpenVINO's RuntimeError from save_model (a full disk: "basic_ios::clear: iostream error"): the
+    # network converted and checked, so the run goes on; only the next process converts it again
+    except Exception as error:
+        reason = " ".join(str(error).split()) or type(error).__name__  # OpenVINO's says where first, then what
+        return f"could not cache the OpenVINO model in {folder}: {reason}"
     _prune(folder.parent, keep=MAX_CACHED_NETWORKS)
     return None
 
@@ -264,7 +267,12 @@ def _write_cache(model, folder: Path, check: tuple[float, float]) -> str | None:
 def _prune(cache: Path, keep: int) -> None:
     """Delete all but the ``keep`` most recently used converted networks (and staging folders left by a crash)."""
     entries = []
-    for path in cache.iterdir():
+    try:
+        paths = list(cache.iterdir())
+    except OSError as error:  # the cache folder went or became unreadable: nothing to prune, nothing lost
+        logger.warning("could not prune the OpenVINO cache in %s: %s", cache, error)
+        return
+    for path in paths:
         try:
             entries.append((path.stat().st_mtime, path))
         except OSError:  # removed meanwhile by another process

@@ -54,7 +54,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -138,8 +138,9 @@ class InferenceOptions:
         backend: what runs the windows on the CPU: ``auto`` (float32 and, on a CPU with fast bf16, bf16 in
             OpenVINO when installed and the network converts, else PyTorch), ``torch``, or ``openvino`` (float32
             and bf16 in OpenVINO; an error when it cannot be used). GPUs and float16 always run in PyTorch.
-        gpu_memory_gib: on a GPU, the memory the run may use for its window batch, blending slab and a result kept
-            on the device (never more than is free); None for :data:`DEFAULT_GPU_MEMORY_GIB`.
+        gpu_memory_gib: on a GPU, the memory the process may hold there during the run: the run's input and
+            weights, its window batch, blending slab and a result kept on the device, and what else the process
+            already holds (never more than is free); None for :data:`DEFAULT_GPU_MEMORY_GIB`.
         blend_features: where the network ends in a pointwise head with fewer input features than classes (a
             many-class DynUNet), blend the features and apply the head after blending: the same logits to float32
             rounding, with a smaller slab and window output. False blends the logits, as MONAI does.
@@ -383,6 +384,7 @@ class _GpuPlan:
     classes: int
     voxels: int  #: of the padded volume
     slab_bytes: object  #: batch -> bytes of the blending slab
+    held: int = 0  #: bytes the process held on the card before the probe (its input, weights, other tensors)
 
     def working(self, batch: int) -> int:
         """Bytes a batch of windows and its blending slab take."""
@@ -414,7 +416,8 @@ def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options, cla
     # what PyTorch's allocator holds but has not handed out (the GPU preprocessing's freed blocks) is free to this run
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     limit = (options.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * 2**30
-    available = int(min(free * 0.9, limit - before))
+    # the budget covers what the process holds on the card (as a peak measured there does); none left is batch 1
+    available = max(0, int(min(free * 0.9, limit - before)))
     cross = math.prod(shape) // shape[axis]
 
     def slab_bytes(batch: int) -> int:  # accumulator and weights, a finished chunk's temporaries, the labels
@@ -426,7 +429,7 @@ def _plan_gpu_memory(runner, one, device, starts, roi, axis, shape, options, cla
         return slab + 4 * chunk + math.prod(shape)
 
     batch = window_batch_for(available, per_window, slab_bytes, len(starts))
-    return _GpuPlan(batch, available, per_window, classes, math.prod(shape), slab_bytes)
+    return _GpuPlan(batch, available, per_window, classes, math.prod(shape), slab_bytes, before)
 
 
 def _peak_bytes(device: torch.device, function):
@@ -586,6 +589,7 @@ def sliding_window_probabilities(
         dev, batch = attempts[-1]
         # on the run's GPU, not the current one: its streams, events, pinned copies and memory queries (cuda:1)
         on_device = torch.cuda.device(dev) if dev.type == "cuda" and dev.index is not None else contextlib.nullcontext()
+        _clear_attempt(report)
         try:
             with on_device:
                 return _run(
@@ -605,15 +609,27 @@ def sliding_window_probabilities(
             if dev.type != "cuda":
                 raise
             torch.cuda.empty_cache()
-            used = report.window_batch
+            used = report.window_batch  # 0: before the windows, moving the network and the input to the GPU
+            where = f"with a window batch of {used}" if used else f"moving the network and the input to {dev}"
+            used = used or batch or 1  # every retry asks for less than the attempt before: the loop ends
             if used > 1:
-                attempts.append((dev, max(1, used // 2)))
-                message = f"GPU out of memory with a window batch of {used}; retrying with a batch of {used // 2}"
+                attempts.append((dev, used // 2))
+                message = f"GPU out of memory {where}; retrying with a window batch of {used // 2}"
             else:
                 attempts.append((torch.device("cpu"), None))
-                message = "GPU out of memory with a window batch of 1; retrying on the CPU"
+                message = f"GPU out of memory {where}; retrying on the CPU"
             logger.warning(message)
             report.notes.append(message)
+
+
+def _clear_attempt(report: InferenceReport) -> None:
+    """Before an attempt: what an earlier one (out of GPU memory) recorded goes, but for its notes; the window batch
+    is 0 until the attempt knows it (what a retry halves)."""
+    fresh = InferenceReport()
+    for item in fields(InferenceReport):
+        if item.name != "notes":
+            setattr(report, item.name, getattr(fresh, item.name))
+    report.window_batch = 0
 
 
 def _float32_runner(network, device, options, input_shape, fallback: _Runner, report, head=None) -> _Runner:
@@ -700,7 +716,12 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
 
     if runner is None:  # before inference mode: a conversion traces the network
         runner = whole_fp32()
-    with torch.inference_mode(), _cudnn_autotuned(device):
+
+    def opened() -> list[_Runner]:  # what may hold OpenVINO's working memory (whole_fp32's runner once made)
+        made = whole_fp32() if whole_fp32.cache_info().currsize else None
+        return [runner] if made in (None, runner) else [runner, made]
+
+    with torch.inference_mode(), _cudnn_autotuned(device), _released_on_error(opened):
         report.window_batch = batch or 1  # what an out-of-memory during the probe below halves from
         plan = None
         if batch is None:
@@ -708,6 +729,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             classes = head.classes if head is not None else None
             plan = _plan_gpu_memory(runner, first, device, starts, roi, axis, padded_shape, options, classes)
             batch = plan.batch if plan is not None else min(CPU_WINDOW_BATCH, len(starts))
+        batch = min(batch, len(starts))  # a batch asked for above the windows there are: what runs, and is halved
         report.device, report.window_batch, report.windows = str(device), batch, len(starts)
         report.mirror_axes = tuple(options.mirror_axes)
         report.precision = precision_name(low)
@@ -767,10 +789,13 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
                     known.clear()  # its index was the old grouping's
         if plan is not None and plan.working(batch) > plan.available:  # batch 1 is the least a run can do
             gib = [plan.per_window / 2**30, plan.slab_bytes(batch) / 2**30, plan.available / 2**30]
+            budget = "gpu_memory_gib"
+            if plan.held:
+                budget += f", less the {plan.held / 2**30:.1f} GiB the process already holds there"
             _note(
                 report,
                 f"one window ({gib[0]:.1f} GiB) and its blending slab ({gib[1]:.1f} GiB for {plan.classes} classes) "
-                f"need more than the {gib[2]:.1f} GiB this run may use on the GPU (gpu_memory_gib); running at a "
+                f"need more than the {gib[2]:.1f} GiB this run may use on the GPU ({budget}); running at a "
                 "window batch of 1 regardless",
             )
         on_device = None
@@ -782,6 +807,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             groups, roi, axis, padded_shape, weights, np.dtype(out_dtype), calibration, on_device, head=head
         )
         stream.labels_only = labels_only
+        stream.kept = tuple((a, n) for (a, _), n in zip(pads, spatial))  # MONAI's padding is cropped away below
         stream.check_finite = report.precision == "fp16"  # float16's range: an overflow sends the run to float32
 
         # the trial batch keeps its float32 logits (the same batch as in the stream: the same numbers)
@@ -820,6 +846,18 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
     return out
 
 
+@contextlib.contextmanager
+def _released_on_error(runners):
+    """A run cancelled or failed inside gives back the working memory of the runners ``runners()`` returns (a
+    finished run gives it back after its last window batch, in :meth:`_SlabStream.run`)."""
+    try:
+        yield
+    except BaseException:
+        for runner in runners():
+            runner.release_memory()
+        raise
+
+
 def _openvino_precision(runner: _Runner) -> str | None:
     """What a runner in OpenVINO computes in ("f32" or "bf16"); None for PyTorch."""
     network = runner.network
@@ -838,12 +876,19 @@ class _OpenVINOLowPrecision:
         self._compiled: dict[tuple, backends.OpenVINONetwork] = {}
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        shape = tuple(batch.shape[1:])
+        return self.compiled_for(tuple(batch.shape[1:]))(batch)
+
+    def compiled_for(self, shape: tuple) -> backends.OpenVINONetwork:
+        """The network compiled for inputs of ``shape`` (C, X, Y, Z).
+
+        Raises:
+            BackendUnavailableError: OpenVINO cannot compile it for that shape in bf16.
+        """
         if shape not in self._compiled:
             self._compiled[shape] = backends.openvino_network(
                 self.network, shape, head=self.head, precision=self.precision, converted_for=self.input_shape
             )
-        return self._compiled[shape](batch)
+        return self._compiled[shape]
 
     def release_memory(self) -> None:
         for compiled in self._compiled.values():
@@ -857,25 +902,35 @@ def _bf16_openvino_runner(body, device, low, options, input_shape, report, head=
 
     1.6 to 1.8 times autocast's speed on the project's CPUs, with its labels, and since session 14 with its peak
     memory (the figures: :mod:`medseg.backends` and the README's *Speed and memory*). The network is converted (or
-    read from the cache) here, and compiled for bf16 when first run (once for every window shape where it
-    converted with dynamic spatial dimensions).
+    read from the cache) and compiled for bf16 here, for the windows (the trial's crops share that compilation
+    where the network converted with dynamic spatial dimensions), so that a failure shows before any window runs.
+    A network that converts but does not compile in bf16 runs its bf16 windows in PyTorch's autocast, with a note
+    (``backend="auto"``; its float32 may still run in OpenVINO).
 
     Raises:
-        BackendUnavailableError: with ``backend="auto"``, OpenVINO cannot take the network (the caller runs it in
-            PyTorch); with ``backend="openvino"`` that is a :class:`MedSegError`.
+        BackendUnavailableError: with ``backend="auto"``, OpenVINO cannot convert the network (the caller runs it in
+            PyTorch); with ``backend="openvino"`` that, or a failed compilation, is a :class:`MedSegError`.
     """
     if device.type != "cpu" or low != torch.bfloat16 or options.backend == "torch":
         return None
     if options.backend == "auto" and (low_precision_for(device) != low or not backends.openvino_available()):
         return None  # bf16 forced on a CPU without fast bf16, or no OpenVINO: autocast, as before
+    network = _OpenVINOLowPrecision(body, tuple(input_shape), head)
     try:
         backends.openvino_model(body, input_shape, head=head)
     except backends.BackendUnavailableError as error:
         if options.backend == "openvino":
             raise MedSegError(f"backend openvino: {error}") from None
         raise
+    try:
+        network.compiled_for(tuple(input_shape))
+    except backends.BackendUnavailableError as error:
+        if options.backend == "openvino":
+            raise MedSegError(f"backend openvino, bf16: {error}") from None
+        _note(report, f"bf16: {error}; bf16 windows run in PyTorch")
+        return None
     report.backend = "openvino"
-    return _Runner(_OpenVINOLowPrecision(body, tuple(input_shape), head), device, None, options.mirror_axes)
+    return _Runner(network, device, None, options.mirror_axes)
 
 
 def _openvino_rounding(runner: _Runner) -> _Calibration | None:
@@ -1039,6 +1094,9 @@ class _SlabStream:
         self.regroup(groups)
         self.out: np.ndarray | torch.Tensor | None = None
         self.labels_only = False  #: keep the argmax of the blended logits instead of the probabilities
+        #: (start, size) per axis of the voxels the caller keeps (the volume inside MONAI's padding): the only ones
+        #: counted near a tie, and what :meth:`run`'s fraction is of
+        self.kept = tuple((0, n) for n in shape)
         self.check_finite = False  #: count non-finite logits (float16 overflow) in :attr:`nonfinite`
         self.nonfinite = 0
         self._pending: list = []  # (target slices, host tensor, CUDA event) of slabs still being copied
@@ -1051,7 +1109,7 @@ class _SlabStream:
         )
 
     def run(self, compute, control: RunControl, done=None) -> float:
-        """Blend every batch ``compute(index, group)`` returns; the fraction of voxels within the error bound.
+        """Blend every batch ``compute(index, group)`` returns; the fraction of the kept voxels within the error bound.
 
         ``done()``, where given, is called once the last batch is computed, before the last slab is finished.
         """
@@ -1086,7 +1144,7 @@ class _SlabStream:
         risky, bad = self._flush(acc, norm, start, self.shape[self.axis] - start)
         self._drain(keep=0)
         self.nonfinite = int(nonfinite + bad)
-        return float(at_risk + risky) / float(np.prod(self.shape))
+        return float(at_risk + risky) / float(math.prod(n for _, n in self.kept))
 
     def _copy_out(self, probabilities: torch.Tensor, target: tuple[slice, ...]) -> None:
         """Write a finished slab out; to the host the copy overlaps the next windows' work on a GPU."""
@@ -1144,6 +1202,17 @@ class _SlabStream:
         index[self.axis] = slice(start, stop)
         return (slice(None), *index) if channels else tuple(index)
 
+    def _kept(self, start: int, stop: int) -> tuple[slice, ...]:
+        """Of a chunk from ``start`` to ``stop`` along the axis, the voxels the caller keeps, as spatial slices."""
+        index = []
+        for dim, (first, size) in enumerate(self.kept):
+            if dim == self.axis:
+                lo = min(max(first - start, 0), stop - start)
+                index.append(slice(lo, max(min(first + size, stop) - start, lo)))
+            else:
+                index.append(slice(first, first + size))
+        return tuple(index)
+
     def _flush(self, acc: torch.Tensor, norm: torch.Tensor, start: int, length: int):
         """Finish ``length`` voxels along the axis from the slab's front, then move the slab forward.
 
@@ -1170,14 +1239,15 @@ class _SlabStream:
             if self.head is not None:  # blended features: the head gives the blended logits
                 logits = self.head(logits)
             target = self._along(start + offset, start + stop, True)
+            kept = self._kept(start + offset, start + stop)
             if self.labels_only:
                 index, margin = top_two(logits, 0)
                 self.out[target[1:]] = index
                 if bound is not None:
-                    risky = risky + (margin < bound).sum()  # summed on the device
+                    risky = risky + (margin[kept] < bound).sum()  # summed on the device
                 continue
             if bound is not None:
-                risky = risky + (top_two_margin(logits, 0) < bound).sum()
+                risky = risky + (top_two_margin(logits, 0)[kept] < bound).sum()
             probabilities = torch.softmax(logits, dim=0)
             if self.slab:
                 self._copy_out(probabilities, target)

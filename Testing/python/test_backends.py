@@ -10,6 +10,7 @@ import copy
 import logging
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +18,16 @@ import torch
 from helpers import Confident, cpu_has_fast_bf16, unsure_but_for_a_confident_middle
 from medseg import backends
 from medseg import inference as inference_module
-from medseg.errors import MedSegError
+from medseg.errors import CancelledError, MedSegError
 from medseg.inference import (
     DeviceError,
     InferenceOptions,
     InferenceReport,
+    sliding_window_labels,
     sliding_window_probabilities,
 )
 from medseg.models.card import InferenceSettings
+from medseg.progress import RunControl
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
@@ -156,6 +159,27 @@ def test_each_sliding_window_run_gives_openvinos_memory_back_once_its_windows_ar
         assert events[0] == ("release", "bf16") and events[-2:] == [("release", "f32"), ("flush", True)]
 
 
+def test_a_cancelled_openvino_run_gives_its_memory_back(monkeypatch):
+    """Cancel after the first window batch: the run stops with CancelledError and its OpenVINO network gives its
+    working memory back at once, not after some later run."""
+    net = unet(seed=5, classes=2)
+    volume = np.random.default_rng(6).normal(size=(1, 60, 40, 40)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(24, 24, 24), overlap=0.25, blend_mode="gaussian")
+    released = []
+    release = backends.OpenVINONetwork.release_memory
+    monkeypatch.setattr(
+        backends.OpenVINONetwork, "release_memory", lambda self: (released.append(self.precision), release(self))
+    )
+    control = RunControl()
+    control.progress = lambda stage, fraction: control.cancel()  # after the first batch's progress
+    with pytest.raises(CancelledError):
+        sliding_window_probabilities(
+            net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="openvino"), control=control
+        )
+    assert released == ["f32"]
+    assert backends.openvino_network(net, (1, 24, 24, 24))._request is None
+
+
 def test_changed_weights_or_window_get_their_own_conversion(own_cache):
     net = unet()
     backends.openvino_network(net, WINDOW)
@@ -217,6 +241,31 @@ def test_a_damaged_cache_entry_is_ignored_and_replaced(own_cache, caplog):
     assert fresh.source == "converted"
     assert "model.bin does not match its recorded SHA-256" in caplog.text
     assert backends.openvino_network(copy.deepcopy(net), WINDOW).source == "cache"  # rewritten whole
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_next_conversion(own_cache, caplog, monkeypatch):
+    """OpenVINO's save_model raises RuntimeError on a full disk ("basic_ios::clear: iostream error", as it did
+    writing to /dev/full here): the run goes on with the network it converted and checked, warns, and leaves no
+    half-written entry; a cache folder that goes away while pruning is no error either."""
+    import openvino
+
+    def full_disk(model, path, **kwargs):
+        Path(path).write_bytes(b"<?xml")  # begun, then the disk is full
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp:\nbasic_ios::clear: iostream error")
+
+    monkeypatch.setattr(openvino, "save_model", full_disk)
+    net = unet()
+    with caplog.at_level(logging.WARNING, logger="medseg.backends"):
+        compiled = backends.openvino_network(net, WINDOW)
+    assert compiled.source == "converted"
+    assert "could not cache the OpenVINO model in" in caplog.text and "basic_ios::clear: iostream error" in caplog.text
+    assert list(own_cache.iterdir()) == []  # the staging folder went with its partial file
+    window = torch.randn(2, *WINDOW)
+    torch.testing.assert_close(compiled(window), net(window).detach(), rtol=0, atol=1e-4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg.backends"):
+        backends._prune(own_cache / "gone", keep=1)
+    assert "could not prune the OpenVINO cache" in caplog.text
 
 
 class SignFromInput(torch.nn.Module):
@@ -389,6 +438,30 @@ def test_an_openvino_run_within_its_rounding_of_ties_is_recomputed_in_pytorch():
     np.testing.assert_array_equal(out, sliding_window_probabilities(net, volume, settings, device=CPU, options=exact))
 
 
+@pytest.mark.parametrize("labels_only", [False, True])
+def test_only_the_volumes_own_voxels_count_near_a_tie_not_monais_padding(labels_only):
+    """A thin volume padded to the window (4 slices in 16: three quarters padding, cropped away after the run): the
+    padding's zeros tie exactly under this network, the volume's voxels are far from a tie. The tie count that
+    decides a redo covers the voxels the caller gets, so nothing is redone; it once counted the padding too, and
+    redid the run in PyTorch for voxels nobody sees."""
+    net = torch.nn.Conv3d(1, 2, 1, bias=False).eval()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1, 1))  # logits (x, -x): margin 2 |x|
+    volume = np.ones((1, 20, 20, 4), np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
+    backends.openvino_network(net, (1, 16, 16, 16)).bound = 1.0  # the run's: covers the padding's ties, not 2
+    report, fp32 = InferenceReport(), InferenceOptions("fp32")
+    run = sliding_window_labels if labels_only else sliding_window_probabilities
+    out = run(net, volume, settings, device=CPU, options=fp32, report=report)
+    assert (report.backend, report.at_risk_fraction, report.notes) == ("openvino", 0.0, [])
+    assert out.shape == ((20, 20, 4) if labels_only else (2, 20, 20, 4))
+    volume[0, :, :, 1] = 0.0  # a tie inside the volume: one slice of four
+    report = InferenceReport()
+    run(net, volume, settings, device=CPU, options=fp32, report=report)
+    assert report.at_risk_fraction == 0.25 and report.backend == "torch"  # redone, as it should be
+    assert "recomputing in PyTorch" in report.notes[0]
+
+
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
 def test_a_low_precision_run_redone_in_openvino_is_checked_against_its_rounding_too():
     """Confident at the centre (the trial passes bf16), nearly tied elsewhere: the bf16 run is redone in float32,
@@ -475,6 +548,42 @@ def test_auto_runs_bf16_in_pytorch_where_openvino_cannot_take_the_network_and_tr
         assert report.precision in ("bf16", "fp32") and report.calibration_disagreement is not None
     with pytest.raises(MedSegError, match="backend openvino: OpenVINO could not convert the network"):
         sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions(backend="openvino"))
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")
+def test_a_network_that_does_not_compile_in_bf16_runs_its_bf16_windows_in_pytorch(own_cache, monkeypatch):
+    """It converts (float32 compiles and passes the check) but OpenVINO cannot compile it in bf16: backend auto
+    finds out before any window runs and runs the bf16 windows in PyTorch's autocast, with a note, its float32
+    still in OpenVINO; backend openvino refuses the run by name."""
+    compile_ = backends._compile
+    tried = []
+
+    def no_bf16(model, threads, precision="f32"):
+        tried.append(precision)
+        if precision == "bf16":
+            raise backends.BackendUnavailableError("OpenVINO could not compile the network: no bf16 (simulated)")
+        return compile_(model, threads, precision)
+
+    monkeypatch.setattr(backends, "_compile", no_bf16)
+    net, volume = Confident().eval(), confident_volume()
+    settings = InferenceSettings(roi_size=(64, 64, 64), overlap=0.25, blend_mode="gaussian")
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, report=report)
+    assert (report.precision, report.backend) == ("bf16", "torch") and tried == ["f32", "bf16"]
+    assert report.notes == [
+        "bf16: OpenVINO could not compile the network: no bf16 (simulated); bf16 windows run in PyTorch"
+    ]
+    autocast = sliding_window_probabilities(
+        net, volume, settings, device=CPU, options=InferenceOptions(backend="torch")
+    )
+    np.testing.assert_array_equal(out, autocast)
+    float32 = InferenceReport()
+    sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions("fp32"), report=float32)
+    assert float32.backend == "openvino"  # only bf16 was refused
+    with pytest.raises(MedSegError, match=r"^backend openvino, bf16: OpenVINO could not compile the network"):
+        sliding_window_probabilities(
+            net, volume, settings, device=CPU, options=InferenceOptions("bf16", backend="openvino")
+        )
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="auto runs float32 throughout on a CPU without fast bf16")

@@ -219,9 +219,64 @@ def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(monkeypatch, caplo
         )
     assert [b for b in net.batches if b[0] == "cuda"] == [("cuda", 4), ("cuda", 2), ("cuda", 1)]
     assert ("cpu", 2) in net.batches and report.device == "cpu"
-    for text in ("retrying with a batch of 2", "retrying with a batch of 1", "retrying on the CPU"):
+    for text in (
+        "with a window batch of 4; retrying with a window batch of 2",
+        "with a window batch of 2; retrying with a window batch of 1",
+        "with a window batch of 1; retrying on the CPU",
+    ):
         assert text in caplog.text
     assert len(report.notes) == 3
+    np.testing.assert_allclose(out[0], torch.sigmoid(torch.tensor(2.0)).item(), atol=1e-5)
+
+
+def test_out_of_memory_before_the_windows_still_asks_for_less_each_time(monkeypatch):
+    """The input's upload runs out of memory on a retry (another process took the card): each retry still asks
+    for half the batch before it, then the CPU, instead of repeating the same attempt for ever."""
+
+    class OnGpu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fake_device, self.batches = "cuda", []
+
+        def to(self, device, **kwargs):
+            self.fake_device = torch.device(device).type
+            return self
+
+        def forward(self, x):
+            self.batches.append((self.fake_device, x.shape[0]))
+            if self.fake_device == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return torch.cat([2 * x, torch.zeros_like(x)], dim=1)
+
+    uploads = []
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        if a and str(a[0]).startswith("cuda"):
+            if self.dim() == 4:  # the volume, not the blending weights
+                uploads.append(len(uploads))
+                assert len(uploads) < 10, "the retries never end"
+                if len(uploads) > 1:  # the first attempt's upload works, every later one runs out of memory
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated upload)")
+            return self
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    net, report = OnGpu(), InferenceReport()
+    settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.0, blend_mode="constant")
+    options = InferenceOptions(precision="fp32", window_batch=8, backend="torch")
+    out = sliding_window_probabilities(
+        net, np.ones((1, 16, 16, 8), np.float32), settings, device=torch.device("cuda"), options=options, report=report
+    )
+    assert [b for b in net.batches if b[0] == "cuda"] == [("cuda", 4)]  # 4 windows: a batch of 8 runs 4
+    assert len(uploads) == 3  # on the GPU at 4, then 2, then 1; then the CPU, which uploads nothing
+    assert report.notes == [
+        "GPU out of memory with a window batch of 4; retrying with a window batch of 2",
+        "GPU out of memory moving the network and the input to cuda; retrying with a window batch of 1",
+        "GPU out of memory moving the network and the input to cuda; retrying on the CPU",
+    ]
+    assert report.device == "cpu" and report.window_batch == 2
     np.testing.assert_allclose(out[0], torch.sigmoid(torch.tensor(2.0)).item(), atol=1e-5)
 
 
@@ -435,6 +490,9 @@ def test_gpu_window_batch_comes_from_a_probe_within_the_budget_and_the_free_memo
     default = plan(InferenceOptions(), held_gib=1, window_gib=1, free_gib=70)
     assert default.batch == 4 and default.classes == 2 and counting.windows == 1
     assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=70).batch == 10
+    # a process that already holds more than the budget: nothing left for the run, so a batch of 1 (not below 0)
+    crowded = plan(InferenceOptions(), held_gib=7, window_gib=1, free_gib=70)
+    assert (crowded.batch, crowded.available, crowded.held) == (1, 0, 7 * 2**30)
     assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=4).batch == 3  # 90 % free
     # blocks PyTorch keeps for reuse count as free: 90 % of the 4 GiB free and the 2 GiB it keeps
     assert plan(InferenceOptions(gpu_memory_gib=12), held_gib=1, window_gib=1, free_gib=4, cached_gib=2).batch == 5
@@ -679,6 +737,13 @@ def test_a_window_and_slab_beyond_the_gpu_budget_run_at_a_batch_of_1_and_say_so(
     (note,) = report.notes
     assert "one window (2.7 GiB) and its blending slab (3.6 GiB for 105 classes) need more than the 6.0 GiB" in note
     np.testing.assert_allclose(out, exact, atol=1e-6)
+    plan.available, plan.held = 0, 7 * gib  # the process held more than its budget before the run
+    report = InferenceReport()
+    sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, report=report)
+    assert (
+        "need more than the 0.0 GiB this run may use on the GPU (gpu_memory_gib, less the 7.0 GiB the process"
+        in (report.notes[0])
+    )
     roomy = inference._GpuPlan(1, 8 * gib, int(2.7 * gib), 105, voxels, lambda batch: int(3.6 * gib))
     monkeypatch.setattr(inference, "_plan_gpu_memory", lambda *args: roomy)
     report = InferenceReport()
