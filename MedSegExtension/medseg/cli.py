@@ -286,10 +286,29 @@ def _roi_option(args: argparse.Namespace):
     return None
 
 
+def _check_segment_options(args: argparse.Namespace) -> None:
+    """Options that would do nothing in this combination are an error, not silently dropped."""
+    given = [
+        flag
+        for flag, differs in (
+            ("--smoothness", args.smoothness != 1.0),
+            ("--connectivity", args.connectivity != 6),
+            ("--band-mm", args.band_mm != 0.0),
+            ("--full-volume", args.full_volume),
+        )
+        if differs
+    ]
+    if given and not args.refine:
+        raise MedSegError(f"{', '.join(given)} set(s) the graph-cut refinement; add --refine to use it")
+    if args.tta and args.preview:
+        raise MedSegError("--tta with --preview: a preview runs without test-time mirroring; drop one of them")
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .segmenter import Segmenter
 
     start = time.perf_counter()
+    _check_segment_options(args)
     roi = _roi_option(args)
     if args.progress_json:
         _json_line(event="progress", stage="loading model", fraction=0.0)

@@ -76,6 +76,24 @@ def open_gzip(path: str | Path):
     return _gzip.open(path, "rb")
 
 
+def check_gzip_from(path: str | Path, offset: int) -> None:
+    """Inflate the gzip stream that starts ``offset`` bytes into ``path`` (an NRRD's attached data) to its end,
+    which checks its CRC and length.
+
+    Raises:
+        InputImageError: the stream ends early or fails its check.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            with _gzip.GzipFile(fileobj=raw, mode="rb") as handle:
+                while handle.read(READ_CHUNK):
+                    pass
+    except (EOFError, OSError, zlib.error):
+        raise corrupt(path) from None
+
+
 def nifti_header(header: bytes) -> dict | None:
     """The fields that locate the voxels, from the first 540 bytes of a NIfTI-1 or NIfTI-2 file, or None.
 

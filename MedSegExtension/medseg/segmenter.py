@@ -312,18 +312,15 @@ class Segmenter:
         result.seconds = {"reading": reading, **result.seconds}
         control.report("writing", 0.0)
         start = time.perf_counter()
-        written: list[Path] = []
-        try:
+        # all outputs or none, and an earlier result under those names stays whole if writing fails: a lone new
+        # probability map would look like a result, and a deleted old one would be a loss
+        with io.outputs_together():
             if probabilities is not None and result.probabilities is not None:
-                written.append(io.write_image(result.probabilities, probabilities))
+                io.write_image(result.probabilities, probabilities)
             if is_seg_nrrd:
-                written.append(writer(result.labelmap, self.card, output))
+                writer(result.labelmap, self.card, output)
             else:
-                written.append(io.write_image(result.labelmap, output))
-        except BaseException:
-            for path in written:  # all outputs or none: a lone probability map would look like a result
-                path.unlink(missing_ok=True)
-            raise
+                io.write_image(result.labelmap, output)
         result.seconds["writing"] = time.perf_counter() - start
         control.report("writing", 1.0)
         return result

@@ -158,20 +158,21 @@ def physical_points_of_label(image: sitk.Image, value: int = 1) -> np.ndarray:
     return points[np.lexsort(points.T[::-1])] if len(points) else points
 
 
-def write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin) -> Path:
-    """Write an int16 (z, y, x) array as a DICOM series of axial slices, one file per slice.
+def write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin, tilt_mm: float = 0.0) -> Path:
+    """Write an int16 (z, y, x) array as a DICOM series of axial slices, one file per slice; with ``tilt_mm``,
+    each slice is shifted that far along y from the one before (a gantry-tilted acquisition's positions).
 
     GDCM's writer sets the process locale to "C", which makes Python's default text encoding ASCII for every later
     test in the process (torch.compile then fails to read its UTF-8 templates); the locale is restored after.
     """
     previous = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_series(array_zyx, folder, spacing=spacing, origin=origin)
+        return _write_dicom_series(array_zyx, folder, spacing=spacing, origin=origin, tilt_mm=tilt_mm)
     finally:
         locale.setlocale(locale.LC_ALL, previous)
 
 
-def _write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin) -> Path:
+def _write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin, tilt_mm: float) -> Path:
     image = sitk.GetImageFromArray(array_zyx.astype(np.int16))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -182,7 +183,9 @@ def _write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin)
         slice_ = image[:, :, k]
         tags = {
             "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",  # series instance UID
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0032": "\\".join(
+                str(v) for v in np.add(image.TransformIndexToPhysicalPoint((0, 0, k)), (0.0, k * tilt_mm, 0.0))
+            ),
             "0020|0037": "1\\0\\0\\0\\1\\0",
             "0020|0013": str(k + 1),
             "0008|0060": "MR",

@@ -228,6 +228,27 @@ def test_roi_outside_the_volume_is_a_clear_error_and_writes_nothing(tmp_path, sc
     assert code == 1 and message in err and not out_path.exists()
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--smoothness", 3], "--smoothness set(s) the graph-cut refinement; add --refine to use it"),
+        (["--connectivity", 26, "--full-volume"], "--connectivity, --full-volume set(s) the graph-cut refinement"),
+        (["--band-mm", 4], "--band-mm set(s) the graph-cut refinement"),
+        (["--tta", "--preview"], "--tta with --preview: a preview runs without test-time mirroring"),
+    ],
+)
+def test_options_that_would_do_nothing_are_refused_before_any_work(
+    tmp_path, scan, tiny_model, capsys, options, message
+):
+    out_path = tmp_path / "seg.nii.gz"
+    args = ["segment", scan, "-o", out_path, "--model", tiny_model, "--device", "cpu", *options]
+    code, _, err = run(args, capsys)
+    assert code == 1 and message in err and not out_path.exists()
+    # with --refine the graph-cut options run; a preview alone runs (this card has no mirror axes for --tta)
+    code, _, err = run([*args, "--refine"] if "--tta" not in options else [a for a in args if a != "--tta"], capsys)
+    assert code == 0 and out_path.exists(), err
+
+
 def test_progress_json_reports_stages_in_order_then_the_result(tmp_path, scan, tiny_model, capsys):
     out_path = tmp_path / "seg.nrrd"
     code, out, err = run(

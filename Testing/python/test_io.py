@@ -42,6 +42,100 @@ def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
 
 
+def test_dicom_series_with_a_missing_slice_or_a_gantry_tilt_is_refused_not_misplaced(tmp_path):
+    """ITK reads both with a warning on the console only: a missing slice as an even grid at the average step (every
+    slice after the gap misplaced), a tilted series as an untilted grid. Both are refused, naming the folder."""
+    array = np.random.default_rng(1).integers(0, 1000, (8, 20, 24)).astype(np.int16)
+    gap = write_dicom_series(array, tmp_path / "gap", spacing=(0.7, 0.7, 2.0), origin=(-10.0, 20.0, 5.0))
+    (gap / "slice004.dcm").unlink()
+    with pytest.raises(
+        InputImageError, match=r"gap: the slices are not evenly spaced: 4 mm between slices 4 and 5 of 7"
+    ):
+        io.read_image(gap)
+    tilted = write_dicom_series(
+        array, tmp_path / "tilted", spacing=(0.7, 0.7, 2.0), origin=(0.0, 0.0, 0.0), tilt_mm=0.5
+    )
+    with pytest.raises(InputImageError, match=r"tilted: each slice is shifted .* gantry tilt of about 14\.0 degrees"):
+        io.read_image(tilted)
+    # rounding of the positions a scanner writes is no reason to refuse: 2 micrometres off the even steps
+    jitter = write_dicom_series(
+        array, tmp_path / "jitter", spacing=(0.7, 0.7, 2.0), origin=(0.0, 0.0, 0.0), tilt_mm=0.002
+    )
+    assert io.read_image(jitter).GetSize() == (24, 20, 8)
+
+
+def test_slice_geometry_checks_each_way_a_series_can_be_irregular():
+    axial = np.array([1.0, 0, 0, 0, 1, 0])
+    even = [(np.array([0.0, 0, 2.5 * k]), axial) for k in range(5)]
+    assert io.slice_geometry_problem(even) is None
+    assert io.slice_geometry_problem(even[:1]) is None
+    assert "same orientation" in io.slice_geometry_problem([*even[:4], (even[4][0], np.array([1.0, 0, 0, 0, 0, 1]))])
+    assert "share one position" in io.slice_geometry_problem([(np.zeros(3), axial)] * 3)
+    mixed = [(np.array([0.0, 0, z]), axial) for z in (0, 2, 4, 6, 11, 16)]  # 2 mm, then 5 mm
+    assert "5 mm between slices 4 and 5 of 6, against 2 mm" in io.slice_geometry_problem(mixed)
+
+
+def test_a_one_component_vector_volume_is_read_as_a_scalar_one(tmp_path):
+    """A NIfTI with the "vector" intent and one component (dim 5: x, y, z, 1, 1) reads in ITK as a vector image with
+    one component; it is the scalar volume it holds (casting it once failed deep in preprocessing, with a
+    traceback)."""
+    nib = pytest.importorskip("nibabel")
+    data = np.random.default_rng(3).integers(-100, 900, (6, 7, 8)).astype(np.int16)
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    nifti = nib.Nifti1Image(data[..., None, None], affine)
+    nifti.header.set_intent("vector")
+    path = tmp_path / "vector.nii.gz"
+    nib.save(nifti, path)
+    assert sitk.ReadImage(str(path)).GetPixelIDTypeAsString() == "vector of 16-bit signed integer"
+    image = io.read_image(path)
+    assert image.GetPixelIDTypeAsString() == "16-bit signed integer" and image.GetSize() == (6, 7, 8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), data.transpose(2, 1, 0))
+    np.testing.assert_allclose(image.GetSpacing(), (1.5, 2.0, 3.0))
+    np.testing.assert_allclose(image.GetOrigin(), (-10.0, -20.0, 30.0))  # RAS -> LPS
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_read_and_still_checked_for_truncation(tmp_path, blob_image):
+    plain = io.write_image(blob_image, tmp_path / "plain.nii")
+    misnamed = tmp_path / "misnamed.nii.gz"
+    misnamed.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(io.read_image(misnamed)), sitk.GetArrayFromImage(io.read_image(plain))
+    )
+    misnamed.write_bytes(plain.read_bytes()[:-100])
+    with pytest.raises(InputImageError, match=r"misnamed\.nii\.gz: .*truncated"):
+        io.read_image(misnamed)
+
+
+@pytest.mark.parametrize("writer", ["medseg", "itk"])
+def test_a_damaged_compressed_nrrd_is_refused_not_read_as_other_voxels(tmp_path, blob_image, writer):
+    """ITK does not check a gzip-encoded NRRD's CRC: of 40 single flipped bits, 3 or 4 read silently as other
+    voxels. Every one is now refused, naming the file; the undamaged file still reads."""
+    path = tmp_path / "scan.nrrd"
+    if writer == "medseg":
+        io.write_image(blob_image, path)
+    else:
+        sitk.WriteImage(blob_image, str(path), useCompression=True)
+    data = path.read_bytes()
+    assert b"encoding: gzip" in data[:1000]
+    start = data.find(b"\n\n") + 2
+    expected = sitk.GetArrayFromImage(io.read_image(path))
+    refused = 0
+    for k in range(12):
+        damaged = bytearray(data)
+        damaged[start + 20 + k * (len(data) - start - 40) // 12] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        try:
+            read = io.read_image(path)
+        except InputImageError as error:
+            assert "scan.nrrd" in str(error) and ("corrupt" in str(error) or "truncated" in str(error))
+            refused += 1
+        else:
+            same = np.array_equal(sitk.GetArrayFromImage(read), expected)
+            pytest.fail(f"flipped bit {k} was read without a word ({'same' if same else 'other'} voxels)")
+    assert refused == 12
+
+
 def test_folder_without_dicom_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(InputImageError, match="the folder holds no DICOM series"):

@@ -71,6 +71,10 @@ def test_nested_missing_field_is_named_with_its_path(tiny_model):
         (lambda d: d.update(format_version=7), "reads versions 1, 2 \\(a newer MedSeg may read it\\)"),
         (lambda d: d["weights"].update(file="../elsewhere.pt"), "inside the model folder"),
         (lambda d: d.update(channels=[]), "at least one input channel"),
+        (
+            lambda d: d.update(labels=[{**d["labels"][0], "value": v, "name": f"l{v}"} for v in range(1, 257)]),
+            r"'labels' has 256 labels; a labelmap holds at most 255 \(8 bits\)",
+        ),
     ],
 )
 def test_invalid_card_fields_are_refused(tiny_model, change, message):

@@ -166,20 +166,43 @@ def test_inputs_are_never_modified_or_overwritten(tmp_path, blob_image):
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
 
 
-def test_a_failed_labelmap_write_removes_the_probabilities_too(tmp_path, blob_image, monkeypatch):
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "over-an-earlier-result"])
+def test_a_failed_labelmap_write_writes_no_probabilities_and_keeps_an_earlier_result(
+    tmp_path, blob_image, monkeypatch, earlier
+):
+    """All outputs or none: the probabilities were written first, then the labelmap failed. Neither name gets a new
+    file, and an earlier run's files under those names stay as they were (they were once deleted)."""
     source = io.write_image(blob_image, tmp_path / "scan.nii.gz")
     segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    outputs = {tmp_path / "seg.nii.gz": b"earlier labelmap", tmp_path / "p.nii.gz": b"earlier probabilities"}
+    if earlier:
+        for path, content in outputs.items():
+            path.write_bytes(content)
     real_write = io.write_image
+    written = []
 
     def fail_on_labelmap(image, path, **kwargs):
         if image.GetNumberOfComponentsPerPixel() == 1:
             raise OutputError(f"{path}: could not be written (disk full)")
-        return real_write(image, path, **kwargs)
+        written.append(real_write(image, path, **kwargs))
+        return written[-1]
 
     monkeypatch.setattr(io, "write_image", fail_on_labelmap)
     with pytest.raises(OutputError, match="disk full"):
         segmenter.segment_files([source], tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+    assert written == [tmp_path / "p.nii.gz"]  # the probabilities were written, under a temporary name
+    expected = ["p.nii.gz", "scan.nii.gz", "seg.nii.gz"] if earlier else ["scan.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    if earlier:
+        assert all(path.read_bytes() == content for path, content in outputs.items())
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, blob_image):
+    source = io.write_image(blob_image, tmp_path / "scan.nii.gz")
+    (tmp_path / "seg.nii.gz").mkdir()
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    with pytest.raises(OutputError, match=r"seg\.nii\.gz: is a folder; give a file name"):
+        segmenter.segment_files([source], tmp_path / "seg.nii.gz")
 
 
 def test_preview_is_marked_runs_fewer_windows_and_stays_on_the_input_grid(tmp_path, blob_image):

@@ -25,6 +25,8 @@ CARD_FORMAT_VERSIONS = (1, 2)
 NORMALIZATIONS = ("zscore", "range", "none")
 CROPS = ("none", "foreground")
 BLEND_MODES = ("constant", "gaussian")
+#: Labels a card may name: the labelmap is 8-bit (uint8), and 0 is the background.
+MAX_LABELS = 255
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,10 @@ def card_from_dict(data: Any, path: str | Path = CARD_FILE) -> ModelCard:
     values = [label.value for label in labels]
     if not labels or values != sorted(set(values)) or values != list(range(1, len(values) + 1)):
         raise ModelCardError(path, f"field 'labels' must have values 1..N in order without gaps, got {values}")
+    if len(labels) > MAX_LABELS:
+        raise ModelCardError(
+            path, f"field 'labels' has {len(labels)} labels; a labelmap holds at most {MAX_LABELS} (8 bits)"
+        )
     network = f.sub("network")
     weights = f.sub("weights")
     sha = weights.get("sha256", str)
