@@ -439,10 +439,12 @@ def _demo(args: argparse.Namespace) -> int:
     segmenter = Segmenter(None, device=args.device)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        result = segmenter.segment(io.read_image(sample), control=RunControl(progress=bar))
+        image = io.read_image(sample)
+        orientation = io.read_nifti_orientation(sample, image)
+        result = segmenter.segment(image, control=RunControl(progress=bar))
     finally:
         bar.close()
-    io.write_image(result.labelmap, labelmap_path)
+    io.write_image(result.labelmap, labelmap_path, orientation=orientation)
     try:
         writer = seg_nrrd_writer()
     except MedSegError as exc:

@@ -94,6 +94,31 @@ def check_gzip_from(path: str | Path, offset: int) -> None:
         raise corrupt(path) from None
 
 
+#: NIfTI-1 header bytes that place the voxels in space: qfac (pixdim[0]), then the qform and the sform with their codes.
+NIFTI_ORIENTATION_FIELDS = ((76, 80), (252, 328))
+
+
+def nifti_orientation(header: bytes) -> dict[int, bytes] | None:
+    """The orientation fields (:data:`NIFTI_ORIENTATION_FIELDS`) of a little-endian single-file NIfTI-1 header, by
+    offset, as stored; None for any other header."""
+    fields = nifti_header(header)
+    if fields is None or fields["endian"] != "<" or not fields["single_file"] or header[344:348] != b"n+1\0":
+        return None
+    return {start: bytes(header[start:end]) for start, end in NIFTI_ORIENTATION_FIELDS}
+
+
+def patch_nifti_orientation(path: str | Path, fields: dict[int, bytes]) -> bool:
+    """Write :func:`nifti_orientation`'s ``fields`` into the header of the uncompressed NIfTI-1 ``path``; False,
+    and the file untouched, where its header is not one."""
+    with open(path, "r+b") as handle:
+        if nifti_orientation(handle.read(348)) is None:
+            return False
+        for start, data in fields.items():
+            handle.seek(start)
+            handle.write(data)
+    return True
+
+
 def nifti_header(header: bytes) -> dict | None:
     """The fields that locate the voxels, from the first 540 bytes of a NIfTI-1 or NIfTI-2 file, or None.
 
@@ -210,11 +235,19 @@ def truncated(path: Path, expected: int, available: int) -> InputImageError:
 COMPRESSED_SUFFIXES = {".nii.gz": ".nii", ".nrrd": ".nrrd"}
 
 
-def write_compressed(image: sitk.Image, target: str | Path, suffix: str, *, threads: int | None = None) -> None:
+def write_compressed(
+    image: sitk.Image,
+    target: str | Path,
+    suffix: str,
+    *,
+    threads: int | None = None,
+    nifti_orientation: dict[int, bytes] | None = None,
+) -> None:
     """Write ``image`` to ``target`` as a compressed ``.nii.gz`` or ``.nrrd`` (``suffix``) on every core.
 
-    ITK writes the uncompressed file beside ``target`` first. A NIfTI is then gzipped whole; a NRRD keeps its text
-    header, with ``encoding: raw`` changed to ``encoding: gzip``, and its data gzipped after it.
+    ITK writes the uncompressed file beside ``target`` first. A NIfTI is then gzipped whole (with
+    ``nifti_orientation``'s fields in its header, where given: :func:`patch_nifti_orientation`); a NRRD keeps its
+    text header, with ``encoding: raw`` changed to ``encoding: gzip``, and its data gzipped after it.
     """
     target = Path(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=COMPRESSED_SUFFIXES[suffix], dir=target.parent)
@@ -222,6 +255,8 @@ def write_compressed(image: sitk.Image, target: str | Path, suffix: str, *, thre
     raw = Path(name)
     try:
         sitk.WriteImage(image, str(raw), useCompression=False)
+        if suffix == ".nii.gz" and nifti_orientation is not None:
+            patch_nifti_orientation(raw, nifti_orientation)
         offset, prefix = 0, b""
         if suffix == ".nrrd":
             with open(raw, "rb") as handle:

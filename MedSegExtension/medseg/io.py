@@ -15,6 +15,7 @@ import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -292,19 +293,66 @@ def read_channels(paths: Sequence[str | Path], *, channel_names: Sequence[str] |
     return images
 
 
-def grid_mismatch(a: sitk.Image, b: sitk.Image) -> str | None:
+def grid_mismatch(a: sitk.Image | Grid, b: sitk.Image | Grid) -> str | None:
     """Describe how the voxel grids of ``a`` and ``b`` differ, or return None if they match."""
-    if a.GetSize() != b.GetSize():
-        return f"size {b.GetSize()} instead of {a.GetSize()}"
-    scale = max(a.GetSpacing())
+    a, b = Grid.of(a), Grid.of(b)
+    if a.size != b.size:
+        return f"size {b.size} instead of {a.size}"
+    scale = max(a.spacing)
     for what, va, vb, tol in (
-        ("spacing", a.GetSpacing(), b.GetSpacing(), GRID_TOLERANCE * scale),
-        ("origin", a.GetOrigin(), b.GetOrigin(), GRID_TOLERANCE * scale * 10),
-        ("direction", a.GetDirection(), b.GetDirection(), GRID_TOLERANCE),
+        ("spacing", a.spacing, b.spacing, GRID_TOLERANCE * scale),
+        ("origin", a.origin, b.origin, GRID_TOLERANCE * scale * 10),
+        ("direction", a.direction, b.direction, GRID_TOLERANCE),
     ):
         if not np.allclose(va, vb, atol=tol, rtol=0):
             return f"{what} {tuple(round(v, 4) for v in vb)} instead of {tuple(round(v, 4) for v in va)}"
     return None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An image's voxel grid without its voxels: size, spacing, origin, direction (ITK's order)."""
+
+    size: tuple
+    spacing: tuple
+    origin: tuple
+    direction: tuple
+
+    @classmethod
+    def of(cls, image: sitk.Image | Grid) -> Grid:
+        if isinstance(image, Grid):
+            return image
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+@dataclass(frozen=True)
+class NiftiOrientation:
+    """How a NIfTI-1 input placed its voxels (qfac, the qform and the sform with their codes, as stored) and the
+    grid ITK made of that. Written into a NIfTI output on the same grid, so that readers that choose between a
+    qform and an sform that disagree (ITK and Slicer take one, nibabel and FSL may take the other) place the
+    output where they place the input."""
+
+    fields: dict
+    grid: Grid
+
+    def fits(self, image: sitk.Image) -> bool:
+        """Whether ``image`` lies on the input's grid (any number of components)."""
+        return grid_mismatch(self.grid, image) is None
+
+
+def read_nifti_orientation(path: str | Path, image: sitk.Image) -> NiftiOrientation | None:
+    """The :class:`NiftiOrientation` of the NIfTI-1 file ``path``, read as ``image``; None for other files."""
+    path = Path(path)
+    if image_suffix(path) not in (".nii", ".nii.gz") or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            compressed = handle.read(2) == b"\x1f\x8b"
+        with gzipio.open_gzip(path) if compressed else open(path, "rb") as handle:
+            fields = gzipio.nifti_orientation(handle.read(348))
+    except (EOFError, OSError, zlib.error):
+        return None
+    return None if fields is None else NiftiOrientation(fields, Grid.of(image))
 
 
 def check_output_path(path: str | Path, *, suffixes: Sequence[str] = WRITABLE_SUFFIXES) -> Path:
@@ -398,12 +446,22 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
-    """Write ``image`` atomically (see :func:`atomic_output`)."""
+def write_image(
+    image: sitk.Image, path: str | Path, *, compress: bool = True, orientation: NiftiOrientation | None = None
+) -> Path:
+    """Write ``image`` atomically (see :func:`atomic_output`).
+
+    ``orientation``: a NIfTI input's (:func:`read_nifti_orientation`), carried into a ``.nii``/``.nii.gz`` output
+    when ``image`` lies on that input's grid.
+    """
     path = check_output_path(path)
+    suffix = image_suffix(path)
+    fields = orientation.fields if orientation is not None and orientation.fits(image) else None
     with atomic_output(path) as tmp:
-        if compress and image_suffix(path) in gzipio.COMPRESSED_SUFFIXES:
-            gzipio.write_compressed(image, tmp, image_suffix(path))  # compressed on every core
+        if compress and suffix in gzipio.COMPRESSED_SUFFIXES:
+            gzipio.write_compressed(image, tmp, suffix, nifti_orientation=fields)  # compressed on every core
         else:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
+            if fields is not None and suffix == ".nii":
+                gzipio.patch_nifti_orientation(tmp, fields)
     return path

@@ -118,7 +118,7 @@ def refine_files(
     seconds = time.perf_counter() - start
     result = sitk.GetImageFromArray(refined)
     result.CopyInformation(image)
-    io.write_image(result, output)
+    io.write_image(result, output, orientation=io.read_nifti_orientation(image_path, image))
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     volumes = {v: (float((before == v).sum()) * voxel_ml, float((refined == v).sum()) * voxel_ml) for v in labels}
     return RefineSummary(volumes_ml=volumes, seconds=seconds)

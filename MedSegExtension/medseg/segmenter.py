@@ -294,11 +294,19 @@ class Segmenter:
         control.report("reading", 0.0)
         start = time.perf_counter()
         images = io.read_channels(inputs, channel_names=[c.name for c in self.card.channels])
+        orientation = io.read_nifti_orientation(inputs[0], images[0])  # a NIfTI input's qform and sform, as stored
         reading = time.perf_counter() - start
         if isinstance(roi, PhysicalBox):
-            roi = roi.to_index_box(images[0])
+            try:
+                roi = roi.to_index_box(images[0])
+            except InputImageError as error:  # the box knows the image, not its file
+                raise InputImageError(inputs[0], error.problem) from None
         if roi is not None and not roi.overlaps(images[0].GetSize()):
-            raise InputImageError(inputs[0], f"the region of interest {roi} lies outside the volume")
+            first, last = roi.start, tuple(a + n - 1 for a, n in zip(roi.start, roi.size))
+            size = "x".join(str(n) for n in images[0].GetSize())
+            raise InputImageError(
+                inputs[0], f"the region of interest (voxels {first} to {last}) lies outside the {size} volume"
+            )
         handover, images = _Handover(images), None  # segment() drops them after preprocessing, before the network
         result = self.segment(
             handover,
@@ -316,11 +324,11 @@ class Segmenter:
         # probability map would look like a result, and a deleted old one would be a loss
         with io.outputs_together():
             if probabilities is not None and result.probabilities is not None:
-                io.write_image(result.probabilities, probabilities)
+                io.write_image(result.probabilities, probabilities, orientation=orientation)
             if is_seg_nrrd:
                 writer(result.labelmap, self.card, output)
             else:
-                io.write_image(result.labelmap, output)
+                io.write_image(result.labelmap, output, orientation=orientation)
         result.seconds["writing"] = time.perf_counter() - start
         control.report("writing", 1.0)
         return result

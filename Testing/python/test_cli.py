@@ -217,9 +217,9 @@ def test_roi_in_millimetres_equals_the_same_box_in_voxels(tmp_path, scan, tiny_m
 @pytest.mark.parametrize(
     "roi, message",
     [
-        (["--roi-voxels", 40, 40, 40, 50, 50, 50], "outside the volume"),
+        (["--roi-voxels", 40, 40, 40, 50, 50, 50], "scan.nii.gz: the region of interest (voxels (40, 40, 40) to "),
         (["--roi-voxels", 5, 5, 5, 4, 9, 9], "must not be below"),
-        (["--roi", 900, 900, 900, 950, 950, 950], "does not overlap"),
+        (["--roi", 900, 900, 900, 950, 950, 950], "scan.nii.gz: the region of interest does not overlap"),
     ],
 )
 def test_roi_outside_the_volume_is_a_clear_error_and_writes_nothing(tmp_path, scan, tiny_model, capsys, roi, message):

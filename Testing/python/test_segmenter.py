@@ -197,6 +197,39 @@ def test_a_failed_labelmap_write_writes_no_probabilities_and_keeps_an_earlier_re
         assert all(path.read_bytes() == content for path, content in outputs.items())
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_outputs_carry_the_inputs_qform_and_sform_so_every_reader_overlays_them(tmp_path, suffix):
+    """A registered NIfTI whose qform and sform disagree (SPM and FSL write such files): ITK and Slicer take one,
+    nibabel and FSL the other. The outputs keep the input's qform and sform as stored, so each reader places them
+    where it places the input; before, they carried ITK's choice in both, 100 mm off in nibabel."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(4)
+    data = rng.normal(0.0, 1.0, (24, 20, 16)).astype(np.float32)
+    data[6:18, 5:15, 4:12] += 3.0
+    nifti = nib.Nifti1Image(data, None)
+    qform, sform = np.diag([1.2, 1.5, 2.0, 1.0]), np.diag([1.2, 1.5, 2.0, 1.0])
+    sform[:3, 3] = [100.0, -20.0, 5.0]  # registered elsewhere
+    nifti.set_qform(qform, code=1)
+    nifti.set_sform(sform, code=2)
+    source = tmp_path / f"scan{suffix}"
+    nib.save(nifti, source)
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    labels, maps = tmp_path / f"seg{suffix}", tmp_path / f"p{suffix}"
+    segmenter.segment_files([source], labels, probabilities=maps)
+    for output in (labels, maps):
+        read = nib.load(output)
+        np.testing.assert_allclose(read.affine, nib.load(source).affine, atol=1e-5)
+        np.testing.assert_allclose(read.get_qform(), qform, atol=1e-5)
+        assert (int(read.header["qform_code"]), int(read.header["sform_code"])) == (1, 2)
+        assert io.grid_mismatch(sitk.ReadImage(str(source)), sitk.ReadImage(str(output))) is None  # ITK: as before
+    assert np.count_nonzero(np.asanyarray(nib.load(labels).dataobj)) > 0
+    # an input on another grid than the output (never from segment_files): the output keeps ITK's header
+    other = io.read_nifti_orientation(source, sitk.ReadImage(str(source))[2:, :, :])
+    image = sitk.ReadImage(str(labels))
+    io.write_image(image, tmp_path / f"plain{suffix}", orientation=other)
+    assert int(nib.load(tmp_path / f"plain{suffix}").header["sform_code"]) != 2
+
+
 def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, blob_image):
     source = io.write_image(blob_image, tmp_path / "scan.nii.gz")
     (tmp_path / "seg.nii.gz").mkdir()
