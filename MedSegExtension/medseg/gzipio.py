@@ -76,6 +76,14 @@ def open_gzip(path: str | Path):
     return _gzip.open(path, "rb")
 
 
+def open_maybe_gzip(path: str | Path):
+    """A binary reader of ``path``, inflating it where it is gzip by its content (not its name: an uncompressed
+    NIfTI named ``.nii.gz`` is common, and ITK reads it); with whether it is, as ``(reader, compressed)``."""
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == GZIP_HEADER[:2]
+    return (open_gzip(path) if compressed else open(path, "rb")), compressed
+
+
 def check_gzip_from(path: str | Path, offset: int) -> None:
     """Inflate the gzip stream that starts ``offset`` bytes into ``path`` (an NRRD's attached data) to its end,
     which checks its CRC and length.

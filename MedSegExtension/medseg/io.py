@@ -95,10 +95,9 @@ def _read_file(path: Path) -> sitk.Image:
 
 def _check_nifti_complete(path: Path) -> None:
     """ITK zero-fills a truncated NIfTI without a word; compare the data on disk with what the header promises."""
-    with open(path, "rb") as handle:  # by its content: an uncompressed NIfTI named .nii.gz is common, ITK reads it
-        compressed = handle.read(2) == b"\x1f\x8b"
     try:
-        with gzipio.open_gzip(path) if compressed else open(path, "rb") as handle:
+        reader, compressed = gzipio.open_maybe_gzip(path)
+        with reader as handle:
             header = handle.read(540)
             expected = _nifti_expected_bytes(header)
             if not compressed:
@@ -346,9 +345,8 @@ def read_nifti_orientation(path: str | Path, image: sitk.Image) -> NiftiOrientat
     if image_suffix(path) not in (".nii", ".nii.gz") or not path.is_file():
         return None
     try:
-        with open(path, "rb") as handle:
-            compressed = handle.read(2) == b"\x1f\x8b"
-        with gzipio.open_gzip(path) if compressed else open(path, "rb") as handle:
+        reader, _ = gzipio.open_maybe_gzip(path)
+        with reader as handle:
             fields = gzipio.nifti_orientation(handle.read(348))
     except (EOFError, OSError, zlib.error):
         return None
@@ -424,8 +422,6 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     is removed. Writer errors (ITK's ``RuntimeError``, ``OSError``) become :class:`OutputError` naming ``path``.
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{image_suffix(path)}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -184,24 +184,28 @@ def test_device_selection():
             select_device("cuda")
 
 
+class FlakyOnGpu(torch.nn.Module):
+    """A 'GPU' network on the CPU that runs out of memory on every batch while it is on the 'GPU', and records
+    (device, batch) of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fake_device = "cuda"
+        self.batches = []
+
+    def to(self, device, **kwargs):
+        self.fake_device = torch.device(device).type
+        return self
+
+    def forward(self, x):
+        self.batches.append((self.fake_device, x.shape[0]))
+        if self.fake_device == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.cat([2 * x, torch.zeros_like(x)], dim=1)
+
+
 def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(monkeypatch, caplog):
     """The fallback path, exercised on the CPU: a 'GPU' network that runs out of memory on every GPU batch."""
-
-    class FlakyOnGpu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fake_device = "cuda"
-            self.batches = []
-
-        def to(self, device, **kwargs):
-            self.fake_device = torch.device(device).type
-            return self
-
-        def forward(self, x):
-            self.batches.append((self.fake_device, x.shape[0]))
-            if self.fake_device == "cuda":
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-            return torch.cat([2 * x, torch.zeros_like(x)], dim=1)
 
     real_to = torch.Tensor.to
     monkeypatch.setattr(
@@ -233,21 +237,6 @@ def test_out_of_memory_before_the_windows_still_asks_for_less_each_time(monkeypa
     """The input's upload runs out of memory on a retry (another process took the card): each retry still asks
     for half the batch before it, then the CPU, instead of repeating the same attempt for ever."""
 
-    class OnGpu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fake_device, self.batches = "cuda", []
-
-        def to(self, device, **kwargs):
-            self.fake_device = torch.device(device).type
-            return self
-
-        def forward(self, x):
-            self.batches.append((self.fake_device, x.shape[0]))
-            if self.fake_device == "cuda":
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-            return torch.cat([2 * x, torch.zeros_like(x)], dim=1)
-
     uploads = []
     real_to = torch.Tensor.to
 
@@ -263,7 +252,7 @@ def test_out_of_memory_before_the_windows_still_asks_for_less_each_time(monkeypa
 
     monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    net, report = OnGpu(), InferenceReport()
+    net, report = FlakyOnGpu(), InferenceReport()
     settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.0, blend_mode="constant")
     options = InferenceOptions(precision="fp32", window_batch=8, backend="torch")
     out = sliding_window_probabilities(
