@@ -68,16 +68,24 @@ def test_a_unets_few_channel_up_sampling_and_last_residual_are_rewritten_and_the
     cpu = rewrite.for_cpu(net, float32=float32)
     assert cpu is not net
     kinds = [type(m) for m in cpu.modules()]
-    # the last up-sampling (16 -> 2 classes) is rewritten; the one to 8 channels too (8 < 16)
-    assert kinds.count(rewrite.SubPixelConvTranspose3d) == 2
+    # the last up-sampling (16 -> 2 classes) is rewritten; the one to 8 channels too (8 < 16). In float32 the last
+    # one, its norm and activation and the folded residual run on the coarse grid (a PhaseSpaceTail)
+    assert kinds.count(rewrite.SubPixelConvTranspose3d) == (1 if float32 else 2)
+    assert kinds.count(rewrite.PhaseSpaceTail) == (1 if float32 else 0)
     assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in cpu.modules())
     # the identity residual is folded in float32 only: in bfloat16 a centre tap of 1 + w would round the identity
     assert len(conv_only_units(cpu)) == (0 if float32 else 1)
     assert not any(isinstance(m, rewrite.SubPixelConvTranspose3d) for m in net.modules())  # the original untouched
     assert len(conv_only_units(net)) == 1
-    original = {p.data_ptr() for p in net.parameters()}
-    new = [p for p in cpu.parameters() if p.data_ptr() not in original]
-    assert sum(p.numel() for p in new) == (2 * 2 * 27 + 2 if float32 else 0)  # only the folded convolution's own
+    original = {t.data_ptr() for t in net.state_dict().values()}
+    new = [t for t in cpu.state_dict().values() if t.data_ptr() not in original]
+    # only the rearranged up-samplings' weights are new (48 to 8 channels: 8 phases of a 2^3 kernel; 16 to 2, in
+    # float32 in the tail, phases then classes) and, in float32, the tail's shifted convolution (8 phases of 2
+    # classes in and out, 2^3 taps)
+    inner = (8 * 8) * 48 * 8 + 8 * 8
+    last = (8 * 2) * 16 * 8 + 8 * 2
+    tail = (8 * 2) * (8 * 2) * 8 + 8 * 2
+    assert sum(t.numel() for t in new) == inner + last + (tail if float32 else 0)
     x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         expected, got = net(x), cpu(x)
@@ -118,3 +126,74 @@ def test_a_network_without_few_channel_transposed_convolutions_is_returned_as_it
     assert rewrite.for_cpu(dyn) is dyn  # its transposed convolutions have 32 and more channels
     wide = UNet(3, 1, 16, channels=(16, 32), strides=(2,), num_res_units=0).eval()
     assert rewrite.for_cpu(wide) is wide  # 16 classes: the wider convolution would not pay
+
+
+def top_block(classes=3, *, norm="instance", act="prelu", ordering="NDA", seed=0, **residual) -> torch.nn.Sequential:
+    """A MONAI U-Net's top up-sampling block: a transposed convolution to the classes with norm and activation, then
+    a conv-only residual unit."""
+    from monai.networks.blocks import Convolution
+
+    torch.manual_seed(seed)
+    up = Convolution(
+        3, 8, classes, strides=2, kernel_size=3, norm=norm, act=act, adn_ordering=ordering, is_transposed=True
+    )
+    unit = ResidualUnit(3, classes, classes, subunits=1, last_conv_only=True, **residual)
+    block = torch.nn.Sequential(up, unit).eval()
+    with torch.no_grad():  # norm and activation weights away from their identity defaults
+        for name, p in block.named_parameters():
+            if "adn" in name:
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) + 0.25)
+    return block
+
+
+@pytest.mark.parametrize(
+    "classes, norm, act, ordering",
+    [
+        (2, "instance", "prelu", "NDA"),  # MONAI's U-Net defaults
+        (3, ("instance", {"affine": True}), ("prelu", {"num_parameters": 3}), "NDA"),
+        (3, ("instance", {"affine": True}), ("leakyrelu", {"negative_slope": 0.2}), "AN"),
+        (1, "instance", "relu", "ND"),
+        (5, None, "prelu", "A"),
+    ],
+)
+def test_a_unets_top_block_on_the_coarse_grid_is_the_block(classes, norm, act, ordering):
+    block = top_block(classes, norm=norm, act=act, ordering=ordering)
+    tail = rewrite.phase_space_tail(block)
+    assert isinstance(tail, rewrite.PhaseSpaceTail)
+    for shape in [(5, 7, 4), (1, 1, 1), (12, 3, 6)]:  # any input grid: the output is twice it
+        x = torch.randn(2, 8, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.inference_mode():
+            expected, got = block(x), tail(x)
+        assert got.shape == expected.shape == (2, classes, *(2 * n for n in shape))
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "anisotropic",  # no up-sampling along one axis
+        "running statistics",  # an instance norm that keeps them is an affine map in evaluation
+        "dropout while training",
+        "group norm",  # a norm across classes: not a per-class norm over its phases
+        "two subunits",  # the residual does not fold
+        "a kernel of 5",
+    ],
+)
+def test_other_top_blocks_keep_their_full_resolution_form(change):
+    from monai.networks.blocks import Convolution
+
+    block = top_block()
+    if change == "anisotropic":
+        block[0] = Convolution(3, 8, 3, strides=(2, 2, 1), kernel_size=(3, 3, 1), is_transposed=True)
+    elif change == "running statistics":
+        block[0].adn.N = torch.nn.InstanceNorm3d(3, track_running_stats=True).eval()
+    elif change == "dropout while training":
+        block[0].adn.D = torch.nn.Dropout(0.2).train()
+    elif change == "group norm":
+        block[0].adn.N = torch.nn.GroupNorm(1, 3)
+    elif change == "two subunits":
+        block[1] = ResidualUnit(3, 3, 3, subunits=2, last_conv_only=True)
+    else:
+        block[1] = ResidualUnit(3, 3, 3, kernel_size=5, subunits=1, last_conv_only=True)
+    assert rewrite.phase_space_tail(block) is None
+    assert rewrite.phase_space_tail(top_block()) is not None  # the unchanged block is taken
