@@ -99,6 +99,7 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.job = None
         self._lastInputVolume = None  # to notice when the user picks another volume
+        self._lastModel = None  # and another model
         self._cudaDevices = None  # listed when the Advanced section first opens
         self._observedSegmentation = None  # the output segmentation whose segments the Refine section lists
 
@@ -269,6 +270,12 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode.outputSegmentation is not None:
                 self._parameterNode.outputSegmentation = None
                 return
+        if self._parameterNode.model != self._lastModel:
+            # another model: a new result, not one node mixing two models' segments
+            changed, self._lastModel = self._lastModel is not None, self._parameterNode.model
+            if changed and self._parameterNode.outputSegmentation is not None:
+                self._parameterNode.outputSegmentation = None
+                return
         entry = self.modelEntries.get(model)
         self.ui.modelInfoLabel.text = self.modelInfoHtml(entry)
         channels = entry.card.channels if entry is not None and entry.card is not None else []
@@ -300,7 +307,11 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Offer mirroring only along the axes the model's training flipped; the user's choice is kept for others."""
         mirrorAxes = self.mirrorAxes(entry)
         box = self.ui.ttaCheckBox
-        box.enabled = bool(mirrorAxes)
+        box.enabled = bool(mirrorAxes) and not self._parameterNode.preview
+        if mirrorAxes and self._parameterNode.preview:
+            box.text = "Test-time augmentation (not with a fast preview)"
+            box.toolTip = "A fast preview runs each window once; untick Fast preview to mirror."
+            return
         if mirrorAxes:
             axes = ", ".join("xyz"[a] for a in mirrorAxes)
             box.text = f"Test-time augmentation (mirroring along {axes}, {2 ** len(mirrorAxes)}x slower)"
@@ -352,20 +363,29 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("MedSeg could not install its Python packages."):
             if not ensureDependencies():  # asks first: no busy cursor over its questions
                 return
-        with slicer.util.tryWithErrorDisplay("MedSeg could not start the segmentation.", waitCursor=True):
-            self.ui.statusLabel.text = "Starting..."
-            self.job = self.logic.startSegmentation(
-                self.selectedVolumes(),
-                model=self.modelEntries[self._parameterNode.model].folder,
-                roi=self._parameterNode.roi,
-                device=self._parameterNode.device,
-                outputSegmentation=self._parameterNode.outputSegmentation,
-                preview=self._parameterNode.preview,
-                precision="fp32" if self._parameterNode.fullPrecision else "auto",
-                testTimeAugmentation=self._parameterNode.testTimeAugmentation and bool(self.mirrorAxes()),
-            )
-            self.setRunning(True)
-            self.timer.start()
+        try:
+            with slicer.util.tryWithErrorDisplay("MedSeg could not start the segmentation.", waitCursor=True):
+                self.startJob()
+        except Exception:
+            self.ui.statusLabel.text = "Could not start; the scene was not changed."  # the message box said why
+
+    def startJob(self):
+        """Start the engine on the chosen inputs; the timer polls it."""
+        self.ui.statusLabel.text = "Starting..."
+        self.job = self.logic.startSegmentation(
+            self.selectedVolumes(),
+            model=self.modelEntries[self._parameterNode.model].folder,
+            roi=self._parameterNode.roi,
+            device=self._parameterNode.device,
+            outputSegmentation=self._parameterNode.outputSegmentation,
+            preview=self._parameterNode.preview,
+            precision="fp32" if self._parameterNode.fullPrecision else "auto",
+            testTimeAugmentation=self._parameterNode.testTimeAugmentation
+            and bool(self.mirrorAxes())
+            and not self._parameterNode.preview,
+        )
+        self.setRunning(True)
+        self.timer.start()
 
     def onTimer(self):
         job = self.job
@@ -393,7 +413,13 @@ class MedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if (job.result or {}).get("backend") == "openvino":
                     precision += " in OpenVINO"
                 preview = "PREVIEW (quick look, not for measurement). " if job.preview else ""
-                self.ui.statusLabel.text = f"{preview}Done in {seconds:.1f} s on {device} ({precision}): {volumes}"
+                notes = (job.result or {}).get("notes", [])
+                for note in notes:  # e.g. the GPU ran out of memory and the run moved to the CPU
+                    logging.info("MedSeg: %s", note)
+                said = f" Note: {'; '.join(notes)}." if notes else ""
+                self.ui.statusLabel.text = (
+                    f"{preview}Done in {seconds:.1f} s on {device} ({precision}): {volumes}.{said}"
+                )
         except Exception:
             self.ui.statusLabel.text = "Failed; the scene was not changed."  # the message box said why
         finally:

@@ -9,7 +9,9 @@ Every image (NIfTI, NRRD, MHA/MHD, or a sub-folder holding one DICOM series) bec
 ``<output>/<case>.seg.nrrd``. For a model with several channels, the channels of a case are files named like
 nnU-Net's ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... in the card's order. A case that fails is reported
 and the batch goes on; at the end a summary lists what succeeded and failed, and ``batch_summary.json`` in the
-output folder records it. The exit status is 0 when every case succeeded, 1 when any failed, 2 for bad options.
+output folder records it. The exit status is 0 when every case succeeded, 1 when any failed, 2 for bad options
+or an input folder without a single image. Two inputs with the same case name (``a.nii.gz`` and ``a.nrrd``) are
+both reported, not run: their results would share one file. An output folder inside the input folder is not a case.
 """
 
 from __future__ import annotations
@@ -61,17 +63,37 @@ def _caseName(path: Path) -> str | None:
     return None
 
 
-def findCases(folder: Path, channels: int) -> tuple[list[Case], list[CaseOutcome]]:
+def findCases(folder: Path, channels: int, exclude: Path | None = None) -> tuple[list[Case], list[CaseOutcome]]:
     """The cases of a folder, sorted by name; and, for multi-channel models, groups with missing channels.
+
+    ``exclude`` (the output folder, when it lies inside ``folder``) is not a case.
 
     Returns:
         (cases, problems): problems are cases that cannot run, reported as failures without being tried.
     """
-    entries = sorted((name, path) for path in folder.iterdir() if (name := _caseName(path)) is not None)
+    skip = exclude.resolve() if exclude is not None else None
+    entries = sorted(
+        (name, path)
+        for path in folder.iterdir()
+        if (skip is None or path.resolve() != skip) and (name := _caseName(path)) is not None
+    )
+    named: dict[str, list[Path]] = {}
+    for name, path in entries:
+        named.setdefault(name, []).append(path)
+    problems = [
+        CaseOutcome(
+            name,
+            [str(p) for p in paths],
+            ok=False,
+            error=f"{len(paths)} inputs share this case name ({', '.join(p.name for p in paths)}); rename all but one",
+        )
+        for name, paths in named.items()
+        if len(paths) > 1
+    ]
+    entries = [(name, path) for name, path in entries if len(named[name]) == 1]
     if channels == 1:
-        return [Case(name, [path]) for name, path in entries], []
+        return [Case(name, [path]) for name, path in entries], problems
     groups: dict[str, dict[int, Path]] = {}
-    problems = []
     for name, path in entries:
         match = _CHANNEL_SUFFIX.match(name)
         if match is None:
@@ -109,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class NoCasesError(ValueError):
+    """The input folder holds no image at all: a wrong --input, not a batch with failures."""
+
+
 def runBatch(args: argparse.Namespace, log=print) -> list[CaseOutcome]:
     """Segment every case of ``args.input``; returns one outcome per case (existing results count as done)."""
     from medseg.io import read_channels
@@ -118,7 +144,11 @@ def runBatch(args: argparse.Namespace, log=print) -> list[CaseOutcome]:
 
     segmenter = Segmenter(args.model, device=args.device)
     card = segmenter.card
-    cases, outcomes = findCases(args.input, len(card.channels))
+    cases, outcomes = findCases(args.input, len(card.channels), exclude=args.output)
+    if not cases and not outcomes:
+        raise NoCasesError(
+            f"no images in {args.input} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)"
+        )
     for problem in outcomes:
         log(f"skipped  {problem.case}: {problem.error}")
     args.output.mkdir(parents=True, exist_ok=True)
@@ -189,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         outcomes = runBatch(args, log=lambda message: print(message, flush=True))
-    except MedSegError as exc:  # the model itself could not be loaded: nothing to go on with
+    except (MedSegError, NoCasesError) as exc:  # no model, or no input: nothing to go on with
         print(f"batch: error: {exc}", file=sys.stderr)
         return 2
     writeSummary(outcomes, args.output, log=lambda message: print(message, flush=True))

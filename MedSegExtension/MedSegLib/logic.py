@@ -10,6 +10,7 @@ Nothing here imports torch or MONAI: the module must load in Slicer before they 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,12 @@ from medseg.models.registry import ModelEntry, find_model_folder, list_models
 
 from .engineprocess import EngineProcess, defaultPythonExecutable
 from .nodes import arrayFromVtkMatrix, imageFromVolumeNode
-from .segmentationio import exportSegmentsToArray, replaceSegmentsFromLabelmap, updateSegmentationFromLabelmap
+from .segmentationio import (
+    exportSegmentsToArray,
+    registerConverterRules,
+    replaceSegmentsFromLabelmap,
+    updateSegmentationFromLabelmap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +113,21 @@ def _sameGrid(a, b) -> bool:
     return a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions() and np.allclose(
         arrayFromVtkMatrix(matrixA), arrayFromVtkMatrix(matrixB), atol=1e-4
     )
+
+
+def _sameFrame(a, b, tolerance_mm: float = 1e-3) -> bool:
+    """Whether ``b``'s parent transforms place it exactly where ``a``'s place ``a`` (an identity between them)."""
+    if a.GetTransformNodeID() == b.GetTransformNodeID():
+        return True
+    between = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+        b.GetParentTransformNode(), a.GetParentTransformNode(), between
+    )
+    bounds = [0.0] * 6
+    b.GetBounds(bounds)  # the volume's corners (and centre) in its own frame, before its transforms
+    corners = [(x, y, z) for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]]
+    corners.append(tuple(np.mean(np.reshape(bounds, (3, 2)), axis=1)))
+    return all(np.allclose(between.TransformPoint(*p), p, atol=tolerance_mm) for p in corners)
 
 
 class SegmentationJob:
@@ -201,11 +223,10 @@ class SegmentationJob:
             if code != 0:
                 raise MedSegError(self._explain(self.process.errorMessage()))
             labelmap = sitk.ReadImage(str(self.outputPath))
-            node = self._applyToScene(labelmap)
-            if self.probabilitiesPath is not None and self.probabilitiesPath.exists():
+            if self.probabilitiesPath is not None and self.probabilitiesPath.exists():  # read before the scene changes
                 vector = sitk.GetArrayFromImage(sitk.ReadImage(str(self.probabilitiesPath)))  # (z, y, x, C)
                 self.probabilities = np.moveaxis(vector, -1, 0).astype(np.float16)
-            return node
+            return self._applyToScene(labelmap)
         finally:
             self._cleanUp()
 
@@ -217,6 +238,7 @@ class SegmentationJob:
     def _applyToScene(self, labelmap: sitk.Image):
         volume = self.inputVolumes[0]
         created = self.outputSegmentation is None
+        registerConverterRules()  # before the node is made: a segmentation copies the rules known at its creation
         if created:
             kind = "preview" if self.preview else "segmentation"
             name = self.scene.GenerateUniqueName(f"{volume.GetName()} {kind} ({self.card.id})")
@@ -225,11 +247,15 @@ class SegmentationJob:
             node = self.outputSegmentation
             backup = slicer.vtkSegmentation()
             backup.DeepCopy(node.GetSegmentation())
+            transformId = node.GetTransformNodeID()
         try:
             suffix = " (preview)" if self.preview else ""
-            updateSegmentationFromLabelmap(self.scene, node, labelmap, self.card.labels, nameSuffix=suffix)
-            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            # the result lives in the volume's frame: the segmentation goes under its transform before the import
             node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+            updateSegmentationFromLabelmap(
+                self.scene, node, labelmap, self.card.labels, nameSuffix=suffix, referenceVolume=volume
+            )
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             _showSegmentation(node)
             _placeBeside(self.scene, node, volume)
         except BaseException:
@@ -237,6 +263,7 @@ class SegmentationJob:
                 self.scene.RemoveNode(node)
             else:
                 node.GetSegmentation().DeepCopy(backup)
+                node.SetAndObserveTransformNodeID(transformId)
             raise
         return node
 
@@ -305,6 +332,29 @@ class MedSegLogic:
         #: segmentation node id -> probabilities kept from its last run (for refinement), see keptProbabilities
         self._probabilities: dict[str, KeptProbabilities] = {}
         self._refinements: dict[str, _RefinementState] = {}
+        #: segmentation node id -> digest of its model segments as the last run or refinement left them: a
+        #: segmentation edited since (Segment Editor) is refined from what it now holds, not from the kept state
+        self._outputs: dict[str, bytes] = {}
+        # node ids come back after a scene is closed (another patient's nodes): forget what was kept for them
+        alive = weakref.ref(self)  # the scene's observers must not keep the logic alive
+
+        def forget(caller, event, everything=False):
+            logic = alive()
+            if logic is not None:
+                logic._forget(everything)
+
+        self.scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, lambda c, e: forget(c, e, True))
+        self.scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, forget)
+
+    def _forget(self, everything: bool) -> None:
+        """Drop what was kept for segmentations (or their volumes) no longer in the scene; everything on close."""
+        exists = self.scene.GetNodeByID
+        for kept in (self._probabilities, self._refinements, self._outputs):
+            for nodeId in list(kept):
+                entry = kept[nodeId]
+                volumeId = getattr(entry, "volumeId", None)
+                if everything or exists(nodeId) is None or (volumeId is not None and exists(volumeId) is None):
+                    del kept[nodeId]
 
     def models(self) -> list[ModelEntry]:
         """Bundled and installed models, plus the folders the user added (first), valid or not."""
@@ -394,6 +444,8 @@ class MedSegLogic:
         """Finish a job (see :meth:`SegmentationJob.finish`) and keep its probabilities for :meth:`refine`."""
         node = job.finish()
         self._refinements.pop(node.GetID(), None)
+        segmentIds = _refinableSegments(node.GetSegmentation(), set())
+        self._outputs[node.GetID()] = _digest(exportSegmentsToArray(node, segmentIds, job.inputVolumes[0]))
         if job.probabilities is not None:
             self._probabilities[node.GetID()] = KeptProbabilities(
                 job.probabilities, job.inputVolumes[0].GetID(), [label.value for label in job.card.labels]
@@ -454,8 +506,9 @@ class MedSegLogic:
 
         state = self._refinements.get(segmentationNode.GetID())
         key = (inputVolume.GetID(), tuple(segmentIds), options)
-        if state is None or state.key != key or not state.extendedBy(foreground, background):
-            kept = self._probabilities.get(segmentationNode.GetID())
+        edited = self._outputs.get(segmentationNode.GetID()) != _digest(current)  # since MedSeg last wrote it
+        if edited or state is None or state.key != key or not state.extendedBy(foreground, background):
+            kept = None if edited else self._probabilities.get(segmentationNode.GetID())
             if kept is not None and kept.matches(inputVolume, segmentationNode, segmentIds):
                 probabilities = kept.forSegments(segmentationNode, segmentIds)
             else:
@@ -472,7 +525,8 @@ class MedSegLogic:
         labels = state.refine(foreground, background)
         result = sitk.GetImageFromArray(labels)
         result.CopyInformation(image)
-        replaceSegmentsFromLabelmap(self.scene, segmentationNode, result, segmentIds)
+        replaceSegmentsFromLabelmap(self.scene, segmentationNode, result, segmentIds, referenceVolume=inputVolume)
+        self._outputs[segmentationNode.GetID()] = _digest(labels)
         return segmentIds
 
     @staticmethod
@@ -484,6 +538,12 @@ class MedSegLogic:
         for volume in volumes:
             if volume.GetImageData() is None:
                 raise MedSegError(f'volume "{volume.GetName()}" has no voxels')
+            components = volume.GetImageData().GetNumberOfScalarComponents()
+            if components != 1:
+                raise MedSegError(
+                    f'volume "{volume.GetName()}" has {components} components per voxel (a colour or vector volume); '
+                    "MedSeg segments scalar volumes: take one component first (Vector to Scalar Volume module)"
+                )
         if len({volume.GetID() for volume in volumes}) != len(volumes):
             raise MedSegError(f"model {card.id} needs a different volume for each channel ({names})")
         for volume in volumes[1:]:
@@ -491,6 +551,12 @@ class MedSegLogic:
                 raise MedSegError(
                     f'volume "{volume.GetName()}" is not on the voxel grid of "{volumes[0].GetName()}"; '
                     "resample it onto that volume first (Resample Scalar/Vector/DWI Volume)"
+                )
+            if not _sameFrame(volumes[0], volume):
+                raise MedSegError(
+                    f'volume "{volume.GetName()}" is under another transform than "{volumes[0].GetName()}": the '
+                    "engine reads the voxels as stored, which would not be aligned; harden the transforms "
+                    "(Data module) or resample it onto that volume first"
                 )
 
     def segment(
@@ -532,17 +598,20 @@ class MedSegLogic:
             precision=precision,
             testTimeAugmentation=testTimeAugmentation,
         )
-        while job.running:
-            if cancelEvent is not None and cancelEvent.is_set():
-                job.cancel()
-                raise CancelledError()
+        try:
+            while job.running:
+                if cancelEvent is not None and cancelEvent.is_set():
+                    raise CancelledError()
+                for stage, fraction in job.poll():
+                    if progress is not None:
+                        progress(stage, fraction)
+                time.sleep(0.05)
             for stage, fraction in job.poll():
                 if progress is not None:
                     progress(stage, fraction)
-            time.sleep(0.05)
-        for stage, fraction in job.poll():
-            if progress is not None:
-                progress(stage, fraction)
+        except BaseException:  # cancelled, Ctrl-C, or a progress callback that raised: no engine left running
+            job.cancel()  # its own process group ignores this process's Ctrl-C; the temporary files go too
+            raise
         return self.finishSegmentation(job)
 
 
@@ -573,10 +642,14 @@ class _RefinementState:
     """A refinement kept between strokes, and the strokes it has seen."""
 
     def __init__(self, key, refinement) -> None:
-        self.key = key
+        self.key = key  #: (volume id, segment ids, options)
         self.refinement = refinement
         self.foreground: np.ndarray | None = None
         self.background: np.ndarray | None = None
+
+    @property
+    def volumeId(self) -> str:
+        return self.key[0]
 
     def extendedBy(self, foreground: np.ndarray | None, background: np.ndarray | None) -> bool:
         """Whether the new strokes only add to the old ones (erasing needs a fresh cut)."""
@@ -600,6 +673,13 @@ class _RefinementState:
         )
         self.foreground, self.background = foreground, background
         return labels
+
+
+def _digest(labels: np.ndarray) -> bytes:
+    """A fingerprint of a labelmap array, to tell whether a segmentation changed since MedSeg wrote it."""
+    digest = hashlib.blake2b(str((labels.shape, labels.dtype.str)).encode(), digest_size=16)
+    digest.update(memoryview(np.ascontiguousarray(labels)).cast("B"))
+    return digest.digest()
 
 
 def _refinableSegments(segmentation, strokeIds: set[str]) -> list[str]:

@@ -72,7 +72,7 @@ def segmentIdForLabel(label) -> str:
 
 
 def updateSegmentationFromLabelmap(
-    scene, segmentationNode, labelmap: sitk.Image, labels: Sequence, *, nameSuffix: str = ""
+    scene, segmentationNode, labelmap: sitk.Image, labels: Sequence, *, nameSuffix: str = "", referenceVolume=None
 ) -> list[str]:
     """Put a labelmap into ``segmentationNode``: one segment per card label, updated in place when it exists.
 
@@ -80,13 +80,23 @@ def updateSegmentationFromLabelmap(
 
     Segments are identified by their label value (``label_<value>``), so running again into the same node
     replaces their content instead of adding duplicates. Segments for labels absent from the labelmap stay,
-    empty, so the user sees every structure the model knows.
+    empty, so the user sees every structure the model knows. A model's segment (``label_<value>``) that ``labels``
+    lacks, from another model's earlier run into the node, is removed, and so is a terminology the label no longer
+    has; segments of other names (the user's own) stay.
+
+    ``labelmap``'s geometry is in ``referenceVolume``'s frame (under its parent transform), or in the
+    segmentation's own when None.
 
     Returns:
         The segment ids, in label order.
     """
     registerConverterRules()
     segmentation = segmentationNode.GetSegmentation()
+    wanted = {segmentIdForLabel(label) for label in labels}
+    for index in reversed(range(segmentation.GetNumberOfSegments())):
+        segmentId = segmentation.GetNthSegmentID(index)
+        if segmentId.startswith("label_") and segmentId not in wanted:
+            segmentation.RemoveSegment(segmentId)
     segmentIds = []
     for label in labels:
         segmentId = segmentIdForLabel(label)
@@ -100,20 +110,37 @@ def updateSegmentationFromLabelmap(
         terminology = terminologyString(label)
         if terminology:
             segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        else:
+            segment.RemoveTag(segment.GetTerminologyEntryTagName())
         segmentIds.append(segmentId)
-    _importLabelmap(scene, segmentationNode, labelmap, segmentIds, setReferenceGeometry=True)
+    _importLabelmap(
+        scene, segmentationNode, labelmap, segmentIds, setReferenceGeometry=True, referenceVolume=referenceVolume
+    )
     return segmentIds
 
 
 def _importLabelmap(
-    scene, segmentationNode, labelmap: sitk.Image, segmentIds: Sequence[str], *, setReferenceGeometry=False
+    scene,
+    segmentationNode,
+    labelmap: sitk.Image,
+    segmentIds: Sequence[str],
+    *,
+    setReferenceGeometry=False,
+    referenceVolume=None,
 ):
-    """Slicer's importer through a temporary labelmap node: label value k goes to ``segmentIds[k - 1]``."""
+    """Slicer's importer through a temporary labelmap node: label value k goes to ``segmentIds[k - 1]``.
+
+    The temporary node sits under ``referenceVolume``'s parent transform (the segmentation's own when None): the
+    importer takes its geometry as world coordinates through that transform and maps them into the
+    segmentation's frame. Without it, a segmentation under a transform received the labelmap displaced by it.
+    """
     ids = vtk.vtkStringArray()
     for segmentId in segmentIds:
         ids.InsertNextValue(segmentId)
+    frame = referenceVolume if referenceVolume is not None else segmentationNode
     labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medseg_import")
     try:
+        labelmapNode.SetAndObserveTransformNodeID(frame.GetTransformNodeID())
         setVolumeNodeFromImage(labelmapNode, sitk.Cast(labelmap, sitk.sitkUInt8))
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
             labelmapNode, segmentationNode, ids
@@ -126,17 +153,19 @@ def _importLabelmap(
         scene.RemoveNode(labelmapNode)
 
 
-def replaceSegmentsFromLabelmap(scene, segmentationNode, labelmap: sitk.Image, segmentIds: Sequence[str]) -> None:
+def replaceSegmentsFromLabelmap(
+    scene, segmentationNode, labelmap: sitk.Image, segmentIds: Sequence[str], *, referenceVolume=None
+) -> None:
     """Replace the voxels of existing segments in place: label value k of ``labelmap`` is ``segmentIds[k - 1]``.
 
-    Names, colours, terminology and the other segments stay. If Slicer's importer fails, the segmentation is
-    restored as it was.
+    ``labelmap``'s geometry is in ``referenceVolume``'s frame (the segmentation's own when None). Names, colours,
+    terminology and the other segments stay. If Slicer's importer fails, the segmentation is restored as it was.
     """
     registerConverterRules()
     backup = slicer.vtkSegmentation()
     backup.DeepCopy(segmentationNode.GetSegmentation())
     try:
-        _importLabelmap(scene, segmentationNode, labelmap, segmentIds)
+        _importLabelmap(scene, segmentationNode, labelmap, segmentIds, referenceVolume=referenceVolume)
     except BaseException:
         segmentationNode.GetSegmentation().DeepCopy(backup)
         raise

@@ -337,7 +337,8 @@ def _segment(args: argparse.Namespace) -> int:
         _json_line(
             event="result",
             model=result.card.id,
-            device=result.device,
+            device=result.inference.device or result.device,  # where the windows ran (a GPU out of memory: the CPU)
+            notes=list(result.inference.notes),
             output=str(Path(args.output).resolve()),
             statistics=[vars(s) for s in result.statistics],
             seconds=result.seconds,

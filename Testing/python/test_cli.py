@@ -262,6 +262,10 @@ def test_progress_json_reports_stages_in_order_then_the_result(tmp_path, scan, t
     assert all(0.0 <= e["fraction"] <= 1.0 for e in events if e["event"] == "progress")
     result = events[-1]
     assert result["event"] == "result" and result["output"] == str(out_path.resolve())
+    # where the windows ran and what the run noted (a GPU out of memory moves to the CPU and says so): the Slicer
+    # module shows both
+    assert result["device"] == "cpu" and isinstance(result["notes"], list)
+    assert all(isinstance(note, str) and note for note in result["notes"])
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out_path)))
     assert [s["voxels"] for s in result["statistics"]] == [int((labels == v).sum()) for v in (1, 2)]
 

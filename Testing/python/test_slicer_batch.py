@@ -77,6 +77,27 @@ def test_batch_with_a_bad_folder_or_model_says_so(tmp_path):
     unknown = run_batch("--input", tmp_path / "in", "--output", tmp_path / "out", "--model", "nope", cwd=tmp_path)
     assert unknown.returncode == 2 and "nope" in unknown.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "in" / "IMG0001.dcm").write_bytes(b"")  # loose DICOM files, not a series folder: no case
+    empty = run_batch("--input", tmp_path / "in", "--output", tmp_path / "out", "--device", "cpu", cwd=tmp_path)
+    assert empty.returncode == 2 and "no images in" in empty.stderr and "DICOM series folders" in empty.stderr
+
+
+def test_the_output_folder_inside_the_input_is_no_case_and_shared_case_names_are_reported(tmp_path):
+    for name in ("a.nii.gz", "a.nrrd", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    output = tmp_path / "seg"
+    output.mkdir()
+    (output / "b.seg.nrrd").write_bytes(b"")  # the results of an earlier run
+    cases, problems = findCases(tmp_path, channels=1, exclude=output)
+    assert [c.name for c in cases] == ["b"]
+    (problem,) = problems
+    assert problem.case == "a" and "2 inputs share this case name (a.nii.gz, a.nrrd)" in problem.error
+    cases, _ = findCases(tmp_path, channels=1)
+    assert [c.name for c in cases] == ["b", "seg"]  # without exclude, the folder looks like a DICOM series
+    for name in ("c_0000.nii.gz", "c_0000.mha", "c_0001.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    cases, problems = findCases(tmp_path, channels=2, exclude=output)
+    assert [p.case for p in problems if "share this case name" in p.error] == ["a", "c_0000"]
 
 
 def test_multi_channel_cases_are_grouped_by_nnunet_suffix(tmp_path):

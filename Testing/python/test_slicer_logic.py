@@ -331,6 +331,20 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, model, volumes, erro
     assert scene_state(scene) == before
 
 
+def test_a_colour_volume_is_refused_with_a_clear_error(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    grey = sitk.GetArrayFromImage(sitk.Cast(sample_with(DIRECTIONS["LPS"]), sitk.sitkUInt8))
+    rgb = vtk.vtkImageData()  # a screenshot-like colour volume, as Slicer loads a PNG stack
+    rgb.SetDimensions(grey.shape[::-1])
+    rgb.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.repeat(grey.reshape(-1, 1), 3, axis=1), deep=True))
+    volume = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "Photo")
+    volume.SetAndObserveImageData(rgb)
+    before = scene_state(scene)
+    with pytest.raises(MedSegError, match='volume "Photo" has 3 components per voxel'):
+        MedSegLogic(scene).segment(volume, device="cpu")
+    assert scene_state(scene) == before
+
+
 def process_gone(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
@@ -556,3 +570,131 @@ def test_the_logic_knows_the_engines_precisions():
     from MedSegLib import logic
 
     assert logic.PRECISIONS == PRECISIONS
+
+
+# Transforms, edits and the logic's memory -----------------------------------------------------------------------
+
+
+def translated(scene, volume, offset=(10.0, -7.0, 25.0)):
+    """Put ``volume`` under a linear transform that moves it by ``offset`` mm (RAS), not hardened."""
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, 3] = offset
+    transform.SetMatrixTransformToParent(vtkMatrixFromArray(matrix))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def test_a_rerun_and_a_refine_under_a_transform_stay_on_the_volumes_grid(tmp_path, segmenter):
+    from medseg.graphcut import refine_labelmap
+
+    image = sample_with(DIRECTIONS["LPS"])
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, image, tmp_path)
+    translated(scene, volume)
+    logic = MedSegLogic(scene)
+    node = logic.segment(volume, device="cpu")
+    expected = sitk.GetArrayFromImage(segmenter.segment(image).labelmap)
+    first = labelmap_of(node, volume)
+    assert (first > 0).sum() > 100
+    np.testing.assert_array_equal(first, expected)  # the engine's labels, voxel for voxel, under the transform
+    logic.segment(volume, device="cpu", outputSegmentation=node)  # again, into the same node
+    np.testing.assert_array_equal(labelmap_of(node, volume), expected)  # not moved by the transform once more
+    kept = logic.keptProbabilities(node).array.astype(np.float32)
+    logic.refine(node, volume)
+    refined = refine_labelmap(
+        sitk.GetArrayFromImage(imageFromVolumeNode(volume)), kept, spacing=image.GetSpacing(), labels=[1, 2]
+    )
+    np.testing.assert_array_equal(labelmap_of(node, volume), refined)
+
+
+def test_channels_under_different_transforms_are_refused(tmp_path):
+    folder = write_model_folder(
+        tmp_path / "two", channels=[{"name": "FLAIR", "modality": "MR"}, {"name": "T1c", "modality": "MR"}]
+    )
+    card = read_card(folder)
+    scene = slicer.vtkMRMLScene()
+    image = sample_with(DIRECTIONS["oblique"])
+    flair, t1c = load(scene, image, tmp_path, "FLAIR"), load(scene, image, tmp_path, "T1c")
+    shared = translated(scene, flair)
+    t1c.SetAndObserveTransformNodeID(shared.GetID())
+    MedSegLogic._checkInputs([flair, t1c], card)  # the same transform: aligned
+    other = translated(scene, t1c)  # another transform node with the same matrix: aligned too
+    MedSegLogic._checkInputs([flair, t1c], card)
+    moved = np.eye(4)
+    moved[:3, 3] = (10.0, -5.0, 25.0)  # FLAIR registered to T1c, not hardened: 2 mm apart in the views
+    other.SetMatrixTransformToParent(vtkMatrixFromArray(moved))
+    before = scene_state(scene)
+    with pytest.raises(MedSegError, match='volume "T1c" is under another transform than "FLAIR".*harden'):
+        MedSegLogic(scene).startSegmentation([flair, t1c], model=str(folder), device="cpu")
+    assert scene_state(scene) == before
+
+
+def test_a_segmentation_edited_after_the_run_is_refined_from_the_edit(tmp_path):
+    scene, volume, logic, node = segmented_sample(tmp_path)
+    before = labelmap_of(node, volume)
+    erased = before == 1
+    erased[: erased.shape[0] // 2] = False  # the user erases the anterior segment's far half in the Segment Editor
+    assert erased.sum() > 50
+    edited = np.where(erased, 0, before).astype(np.uint8)
+    image = sitk.GetImageFromArray(edited)
+    image.CopyInformation(imageFromVolumeNode(volume))
+    replaceSegmentsFromLabelmap(scene, node, image, ["label_1", "label_2"])
+    logic.refine(node, volume)  # no strokes: smooth what is there, not the network's answer from before the edit
+    after = labelmap_of(node, volume)
+    assert (after[erased] == 1).sum() < 0.1 * erased.sum()
+    overlap = 2 * ((after == 1) & (edited == 1)).sum() / ((after == 1).sum() + (edited == 1).sum())
+    assert overlap > 0.8  # the edited segment, smoothed
+
+
+def test_the_logic_forgets_what_it_kept_for_removed_nodes_and_a_closed_scene(tmp_path):
+    scene, volume, logic, node = segmented_sample(tmp_path)
+    logic.refine(node, volume)
+    nodeId = node.GetID()
+    assert nodeId in logic._probabilities and nodeId in logic._refinements and nodeId in logic._outputs
+    other = logic.segment(volume, device="cpu")
+    scene.RemoveNode(node)
+    assert nodeId not in logic._probabilities and nodeId not in logic._refinements and nodeId not in logic._outputs
+    assert other.GetID() in logic._probabilities
+    scene.Clear(0)  # File > Close scene: node ids start again for the next patient
+    assert not logic._probabilities and not logic._refinements and not logic._outputs
+    import gc
+    import weakref
+
+    alive = weakref.ref(logic)
+    del logic
+    gc.collect()
+    assert alive() is None  # the scene's observers do not keep the logic alive
+
+
+def test_a_failing_progress_callback_stops_the_engine_and_removes_its_files(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    logic = MedSegLogic(scene)
+    jobs = []
+    start = logic.startSegmentation
+    logic.startSegmentation = lambda *a, **k: jobs.append(start(*a, **k)) or jobs[-1]
+
+    def progress(stage, fraction):
+        raise KeyboardInterrupt  # Ctrl-C in a headless script lands in whatever runs, often the callback
+
+    with pytest.raises(KeyboardInterrupt):
+        logic.segment(volume, device="cpu", progress=progress)
+    (job,) = jobs
+    job.process.wait()
+    assert job.process.killed and not job.workDir.exists()
+    assert scene_state(scene) == before
+
+
+def test_unreadable_probabilities_leave_the_scene_unchanged(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    job = MedSegLogic(scene).startSegmentation(volume, device="cpu")
+    assert job.process.wait() == 0 and job.probabilitiesPath.exists()
+    data = job.probabilitiesPath.read_bytes()
+    job.probabilitiesPath.write_bytes(data[: len(data) // 2])  # cut short, as by a full disk
+    with pytest.raises(RuntimeError):
+        job.finish()
+    assert scene_state(scene) == before

@@ -94,3 +94,27 @@ def test_updating_an_existing_segmentation_replaces_instead_of_duplicating():
     node.GetBinaryLabelmapRepresentation("label_1", mask)
     assert mask.GetPointData().GetScalars().GetRange() == (0.0, 1.0)
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0, "temporary nodes must not stay"
+
+
+def test_another_models_run_into_the_node_leaves_only_its_own_segments_and_terminology():
+    import vtk
+
+    first_card = card_from_dict(card_dict())  # label 1 has a terminology, label 2 none
+    second = card_dict(
+        labels=[{"value": 1, "name": "Tumour", "color": [0, 255, 0]}]  # another model: one label, no terminology
+    )
+    second_card = card_from_dict(second)
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    labelmap = labelmap_with(DIRECTIONS["RAS"])
+    updateSegmentationFromLabelmap(scene, node, labelmap, first_card.labels)
+    node.GetSegmentation().AddEmptySegment("notes", "My notes")  # the user's own segment
+    only_one = sitk.BinaryThreshold(labelmap, 1, 1, 1, 0)
+    ids = updateSegmentationFromLabelmap(scene, node, only_one, second_card.labels)
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert ids == ["label_1"] and sorted(names) == ["My notes", "Tumour"]
+    tumour = segmentation.GetSegment("label_1")
+    tag = vtk.reference("")
+    assert not tumour.GetTag(tumour.GetTerminologyEntryTagName(), tag)  # the first model's hippocampus code is gone
+    assert tumour.GetColor() == pytest.approx((0.0, 1.0, 0.0))

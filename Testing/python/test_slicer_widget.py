@@ -139,6 +139,46 @@ def test_mirroring_is_offered_only_for_models_whose_training_flipped_an_axis(mod
     widget.cleanup()
 
 
+def test_another_model_gets_a_new_result_a_preview_offers_no_mirroring_and_a_refused_start_says_so(
+    module, tmp_path, monkeypatch
+):
+    medseg = module.module
+    loadVolume(module.scene, sampleFile(), SAMPLE_NODE_NAME)
+    widget = medseg.MedSegWidget()
+    widget.setup()
+    ui = widget.ui
+    widget._parameterNode.device = "cpu"
+    widget.onApplyButton()
+    run_until_done(widget)
+    first = widget._parameterNode.outputSegmentation
+    assert first is not None and ui.statusLabel.text.startswith("Done in")
+    # another model: its result goes into a new node, not over the first model's segments
+    folder = write_model_folder(tmp_path / "other")
+    monkeypatch.setattr(medseg.qt.QFileDialog, "getExistingDirectory", lambda *args: str(folder))
+    widget.onAddModelFolder()
+    assert widget._parameterNode.model == str(folder) and widget._parameterNode.outputSegmentation is None
+    widget._parameterNode.model = "hippocampus-mri"
+    # a fast preview runs each window once: no mirroring offered, and none asked of the engine
+    assert ui.ttaCheckBox.enabled
+    widget._parameterNode.testTimeAugmentation = True
+    widget._parameterNode.preview = True
+    assert not ui.ttaCheckBox.enabled and "not with a fast preview" in ui.ttaCheckBox.text
+    widget.onApplyButton()
+    run_until_done(widget)
+    assert module.recorder.errors == [] and ui.statusLabel.text.startswith("PREVIEW")
+    # a start the logic refuses: the message box says why, the status line does not stay on "Starting..."
+    roi = module.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Far away")
+    roi.SetCenter(900.0, 900.0, 900.0)
+    roi.SetSize(10.0, 10.0, 10.0)
+    widget._parameterNode.roi = roi
+    nodes = module.scene.GetNumberOfNodes()
+    widget.onApplyButton()
+    assert len(module.recorder.errors) == 1 and "does not overlap" in module.recorder.errors[0]
+    assert ui.statusLabel.text == "Could not start; the scene was not changed." and ui.applyButton.text == "Apply"
+    assert module.scene.GetNumberOfNodes() == nodes and widget.job is None
+    widget.cleanup()
+
+
 def test_the_modules_own_self_test_runs(module):
     medseg = module.module
     test = medseg.MedSegTest()
