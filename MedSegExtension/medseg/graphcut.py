@@ -646,9 +646,12 @@ def _grown(box, mask, spacing, reach_mm, shape) -> tuple[tuple[slice, ...], np.n
 
 
 def _new_strokes(strokes: np.ndarray | None, earlier: np.ndarray | None) -> np.ndarray | None:
+    """The voxels of ``strokes`` not in ``earlier``, or None: always a copy, since the caller may paint on."""
     if strokes is None:
         return None
-    new = strokes if earlier is None else strokes & ~earlier
+    new = strokes.astype(bool)  # a copy: kept as the session's strokes, it must not follow the caller's array
+    if earlier is not None:
+        new &= ~earlier
     return new if new.any() else None
 
 
@@ -763,7 +766,13 @@ def refine_labelmap(
     foreground: np.ndarray | None = None,
     background: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Refine every label by its own cut, then settle conflicts: labels never overlap.
+    """Refine every label by its own cut against its strongest competitor, then settle conflicts.
+
+    Each class (every label and, with two labels or more, the background) is cut on its probability against its
+    strongest competitor, ``p_k / (p_k + max_{j != k} p_j)`` (see :func:`_against_strongest_competitor`), so that
+    splitting the foreground between touching labels does not make their boundary background, and with no
+    smoothness the result is the most probable class at every voxel. The background is every component not in
+    ``labels``.
 
     Args:
         image: (z, y, x) intensities.
@@ -774,18 +783,70 @@ def refine_labelmap(
         background: (z, y, x) boolean strokes: voxels that must be background.
 
     Returns:
-        (z, y, x) uint8 labelmap. A voxel claimed by several cuts goes to the label with the highest probability;
-        one claimed by none is background; strokes always win.
+        (z, y, x) uint8 labelmap. A voxel claimed by several cuts goes to the class with the highest probability,
+        so labels never overlap; one claimed by none (the background's cut gave it up too) goes to its most
+        probable label, or with a single label is background; strokes always win.
     """
     refinement = LabelmapRefinement(image, probabilities, spacing=spacing, labels=labels, options=options)
     return refinement.refine(foreground, background)
 
 
+#: How far from an even split (0.5) a class's value against its strongest competitor is put, so that exactly the
+#: most probable class claims a voxel without smoothing (float rounding and ties would otherwise leave it to chance).
+_TIE = 1e-6
+
+
+def _class_probabilities(probabilities: np.ndarray, labels: Sequence[int]) -> dict[int, np.ndarray]:
+    """The probability of each class: the background (0), that of the most probable component not in ``labels``;
+    then each label's component (views, no copies, where the background is component 0 alone)."""
+    outside = [c for c in range(probabilities.shape[0]) if c not in set(labels)]
+    classes = {0: probabilities[outside[0]]}
+    for c in outside[1:]:
+        classes[0] = np.maximum(classes[0], probabilities[c])
+    classes.update((v, probabilities[v]) for v in labels)
+    return classes
+
+
+def _against_strongest_competitor(classes: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per class, ``p_k / (p_k + max_{j != k} p_j)`` over the volume; ``classes`` as :func:`_class_probabilities`.
+
+    A cut on these values decides, at each voxel, between its class and the strongest other one; with no smoothness
+    it claims the voxels where its class is the most probable. With two labels or more, a tie or a split within
+    ``_TIE`` of even goes the way ``argmax`` settles it (the background, then the labels in order), so that exactly
+    one cut claims each voxel. With one label the background's cut would be the label's complement and is not made,
+    and the label's values are left as they are: where the two components sum to one, its probability itself, so a
+    single structure is refined as before.
+    """
+    labels = [v for v in classes if v]
+    dtype = np.result_type(*(p.dtype for p in classes.values()), np.float32)
+    first = np.array(classes[0], dtype=dtype)  # the highest probability, and which class has it (first wins ties)
+    winner = np.zeros(first.shape, np.int16)
+    for position, value in enumerate(labels, 1):
+        better = classes[value] > first
+        first[better] = classes[value][better]
+        winner[better] = position
+    second = np.zeros(first.shape, dtype)  # the highest probability of a class other than the winner
+    for position, strength in enumerate(classes.values()):
+        np.maximum(second, strength, out=second, where=winner != position)
+    competing = {}
+    for position, (value, strength) in enumerate(classes.items()):
+        if value == 0 and len(labels) < 2:
+            continue
+        mine = winner == position
+        total = strength + np.where(mine, second, first)
+        share = np.divide(strength, total, out=np.zeros(first.shape, dtype), where=total > 0)
+        if len(labels) > 1:
+            share = np.where(mine, np.maximum(share, 0.5 + _TIE), np.minimum(share, 0.5 - _TIE)).astype(dtype)
+        competing[value] = share
+    return competing
+
+
 class LabelmapRefinement:
     """Several labels refined together, kept in memory so that strokes can be added one after the other.
 
-    Each label has its own :class:`RefinementSession`; a new stroke re-solves each label's graph from where it
-    stopped. Arguments as for :func:`refine_labelmap`.
+    Each class has its own :class:`RefinementSession` (``sessions``, by label value): every label, and with two
+    labels or more the background (value 0), cut against its strongest competitor as :func:`refine_labelmap`
+    describes. A new stroke re-solves each graph from where it stopped. Arguments as for :func:`refine_labelmap`.
     """
 
     def __init__(
@@ -804,9 +865,13 @@ class LabelmapRefinement:
         missing = [v for v in labels if not 0 < v < probabilities.shape[0]]
         if missing:
             raise RefinementError(f"labels {missing} have no probability map ({probabilities.shape[0]} components)")
-        self.image, self.probabilities, self.labels = image, probabilities, list(labels)
+        for component in probabilities:  # every component competes
+            _check_probability(component, image)
+        self.image, self.probabilities, self.labels = image, probabilities, list(dict.fromkeys(labels))
+        self._classes = _class_probabilities(probabilities, self.labels)
+        competing = _against_strongest_competitor(self._classes)
         self.sessions = {
-            v: RefinementSession(image, probabilities[v], spacing=spacing, options=options) for v in self.labels
+            v: RefinementSession(image, share, spacing=spacing, options=options) for v, share in competing.items()
         }
         self.foreground: np.ndarray | None = None
         self.background: np.ndarray | None = None
@@ -825,26 +890,35 @@ class LabelmapRefinement:
                 and ((merged_foreground > 0) & (foreground > 0) & (merged_foreground != foreground)).any()
             ):
                 raise RefinementError("a new stroke gives voxels another label than an earlier stroke did")
-            merged_foreground = (
-                foreground if merged_foreground is None else np.where(foreground > 0, foreground, merged_foreground)
+            merged_foreground = (  # a copy: the caller may paint more on its array
+                foreground.copy()
+                if merged_foreground is None
+                else np.where(foreground > 0, foreground, merged_foreground)
             )
         if background is not None:
-            merged_background = background if merged_background is None else merged_background | background
+            merged_background = background.astype(bool) if merged_background is None else merged_background | background
         painted = None if merged_foreground is None else merged_foreground > 0
         if painted is not None and merged_background is not None and (painted & merged_background).any():
             raise RefinementError("some voxels are marked as both a label and background; erase one stroke")
         self.foreground, self.background = merged_foreground, merged_background  # only once they are consistent
-        best = np.full(self.image.shape, -1.0, np.float32)
+        best = np.full(self.image.shape, -1.0, np.result_type(self.probabilities.dtype, np.float32))
         out = np.zeros(self.image.shape, np.uint8)
-        for value, session in self.sessions.items():
-            own = _nonempty(None if self.foreground is None else self.foreground == value)
-            others = None if painted is None else painted & (self.foreground != value)
-            against = _nonempty(_union(others, self.background))
-            mask = session.refine(own, against)  # strokes it has seen already are ignored: only new ones count
-            probability = self.probabilities[value]
+        for value, session in self.sessions.items():  # the background first: it wins ties, as in argmax
+            if value:
+                own = None if self.foreground is None else self.foreground == value
+                others = None if painted is None else painted & (self.foreground != value)
+                against = _union(others, self.background)
+            else:
+                own, against = self.background, painted
+            mask = session.refine(_nonempty(own), _nonempty(against))  # strokes it has seen already are ignored
+            probability = self._classes[value]
             wins = mask & (probability > best)
             out[wins] = value
             best[wins] = probability[wins]
+        unclaimed = best < 0
+        if len(self.labels) > 1 and unclaimed.any():  # the background's cut gave them up too: foreground
+            likeliest = np.argmax([self.probabilities[v][unclaimed] for v in self.labels], axis=0)
+            out[unclaimed] = np.asarray(self.labels, np.uint8)[likeliest]
         if painted is not None:
             out[painted] = self.foreground[painted]
         if self.background is not None:

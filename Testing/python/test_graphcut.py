@@ -177,6 +177,66 @@ def test_multi_label_conflicts_go_to_the_more_probable_label_and_strokes_win():
     assert out[4, 10, 14] == 2 and out[4, 10, 3] == 0
 
 
+@pytest.mark.parametrize("smoothness", [0.0, 1.0])
+def test_touching_labels_keep_the_boundary_between_them(smoothness):
+    """Foreground split evenly between two touching labels stays foreground: neither cut alone is over 0.5 there."""
+    shape = (8, 8, 12)
+    probabilities = np.zeros((3, *shape), np.float32)
+    probabilities[0] = 1
+    probabilities[:, 2:6, 2:6, 2:6] = np.array([0.02, 0.96, 0.02])[:, None, None, None]
+    probabilities[:, 2:6, 2:6, 6] = np.array([0.02, 0.49, 0.49])[:, None, None]  # the interface
+    probabilities[:, 2:6, 2:6, 7:10] = np.array([0.02, 0.02, 0.96])[:, None, None, None]
+    image = np.zeros(shape, np.float32)
+    options = GraphCutOptions(smoothness=smoothness)
+    out = refine_labelmap(image, probabilities, spacing=(1, 1, 1), labels=[1, 2], options=options)
+    assert (out[2:6, 2:6, 2:7] == 1).all() and (out[2:6, 2:6, 7:10] == 2).all()  # the tie goes to label 1, as argmax
+    assert (out > 0).sum() == 4 * 4 * 8
+
+
+@pytest.mark.parametrize("band_mm, rounds", [(0.0, 20), (0.0, 0), (None, 20)])
+def test_without_smoothness_several_labels_give_the_argmax(band_mm, rounds):
+    rng = np.random.default_rng(7)
+    shape = (10, 16, 18)
+    logits = ndimage.gaussian_filter(rng.normal(size=(4, *shape)), (0, 1, 1, 1)) * 5
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=0)
+    probabilities = probabilities.astype(np.float32)
+    probabilities[:, 2, 3, 4] = 0.25  # an exact four-way tie
+    probabilities[1:3, 5, 6:9, 6:9] = 0.45  # labels 1 and 2 tie, background and label 3 share the rest
+    probabilities[[0, 3], 5, 6:9, 6:9] = 0.05
+    argmax = probabilities.argmax(axis=0)
+    assert ((probabilities.max(axis=0) < 0.5) & (argmax > 0)).sum() > 100  # many voxels no label has a majority in
+    image = rng.normal(100, 20, shape).astype(np.float32)
+    options = GraphCutOptions(smoothness=0.0, band_mm=band_mm, reduction_rounds=rounds)
+    out = refine_labelmap(image, probabilities, spacing=SPACING, labels=[1, 2, 3], options=options)
+    np.testing.assert_array_equal(out, argmax)
+
+
+def test_strokes_painted_later_on_the_same_array_are_seen():
+    """A refinement keeps copies of the strokes: painting more on the caller's array and refining again counts."""
+    from medseg.graphcut import LabelmapRefinement
+
+    image, probability, truth = noisy_case(6)
+    foreground = np.zeros(truth.shape, bool)
+    foreground[12, 22, 20] = True
+    session = RefinementSession(image, probability, spacing=SPACING)
+    session.refine(foreground)
+    foreground[12, 40:44, 2:6] = True  # far outside the structure
+    result = session.refine(foreground)
+    assert result[foreground].all()
+    np.testing.assert_array_equal(result, refine_binary(image, probability, spacing=SPACING, foreground=foreground))
+
+    probabilities = np.stack([1 - probability, probability])
+    refinement = LabelmapRefinement(image, probabilities, spacing=SPACING, labels=[1])
+    background = np.zeros(truth.shape, bool)
+    background[12, 2, 2] = True
+    refinement.refine(None, background)
+    background[12, 18:26, 16:24] = True  # deep inside it
+    result = refinement.refine(None, background)
+    assert not refinement.sessions[1].refine()[background].any()  # the label's own cut honours the new stroke
+    expected = refine_labelmap(image, probabilities, spacing=SPACING, labels=[1], background=background)
+    np.testing.assert_array_equal(result, expected)
+
+
 def test_soft_probabilities_from_a_labelmap_threshold_back_to_it():
     labels = np.zeros((10, 30, 30), np.int32)
     labels[2:8, 5:15, 5:20] = 1
