@@ -13,6 +13,7 @@ import sys
 from medseg.errors import MedSegError
 
 from .config import load_config
+from .export import ExportError
 from .train import train
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["medseg-train", *(argv if argv is not None else sys.argv[1:])])
     try:
         folder = train(config, command=command, resume=args.resume, stop_at_step=args.stop_at_step)
-    except (MedSegError, ValueError) as exc:  # bad data or config: a message, not a traceback
+    except (MedSegError, ValueError, ExportError) as exc:  # bad data or config, a failed export: a message
         print(f"medseg-train: error: {exc}", file=sys.stderr)
         return 2
     if folder is not None:

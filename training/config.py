@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,12 @@ def check_config(config: TrainConfig, source: str) -> None:
             raise ValueError(f"{source}: {key} must be at least 1, not {getattr(config, key)}")
     if len(config.patch_size) != 3 or min(config.patch_size) < 1:
         raise ValueError(f"{source}: patch_size must be three positive sizes, not {list(config.patch_size)}")
+    smallest = 8**3  # training.plan's smallest patch: 8 voxels along each axis
+    if config.plan == "dynunet" and math.prod(config.patch_size) < smallest:
+        raise ValueError(
+            f"{source}: plan dynunet takes the product of patch_size as its voxel budget, and "
+            f"{math.prod(config.patch_size)} is below its smallest patch, 8^3 = {smallest} voxels"
+        )
     if isinstance(config.dataset, dict):
         layout = config.dataset.get("layout", "msd")
         if layout not in LAYOUTS:

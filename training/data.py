@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,11 +106,15 @@ def read_folder_pairs(spec: dict) -> tuple[list[Case], dict[int, str]]:
             if not path.is_file():
                 raise DatasetError(f"{path}: the image for label {label} is missing")
         cases.append(Case(case_id, images, label))
-    unlabelled = {
-        _stem(p).rsplit("_", 1)[0] if channels > 1 else _stem(p)
-        for p in images_dir.iterdir()
-        if p.name.endswith(IMAGE_SUFFIXES)
-    } - {c.case_id for c in cases}
+    labelled = {c.case_id for c in cases}
+    unlabelled = set()
+    for path in images_dir.iterdir():
+        if not path.name.endswith(IMAGE_SUFFIXES):
+            continue
+        stem = _stem(path)
+        nnunet = re.fullmatch(r"(.+)_\d{4}", stem)  # case_0000: a channel of case, single-channel data included
+        if stem not in labelled and (nnunet is None or nnunet[1] not in labelled):
+            unlabelled.add(nnunet[1] if nnunet else stem)
     if unlabelled:
         raise DatasetError(f"{labels_dir}: no label file for image(s) {sorted(unlabelled)[:5]} in {images_dir}")
     if not cases:
@@ -138,15 +144,27 @@ def read_case_folders(spec: dict) -> tuple[list[Case], dict[int, str]]:
 
 
 def read_dataset(spec) -> tuple[list[Case], dict[int, str]]:
-    """The cases and label names of a dataset given as an MSD folder or a layout mapping (see the module doc)."""
-    if not isinstance(spec, dict):
-        return read_msd_dataset(spec)
-    layout = spec.get("layout", "msd")
+    """The cases and label names of a dataset given as an MSD folder or a layout mapping (see the module doc).
+
+    Raises:
+        DatasetError: as each layout's reader does, or two cases share a case id (``x.nii.gz`` and ``x.nrrd``).
+    """
+    layout = spec.get("layout", "msd") if isinstance(spec, dict) else "msd"
     if layout == "folders":
-        return read_folder_pairs(spec)
-    if layout == "case_folders":
-        return read_case_folders(spec)
-    return read_msd_dataset(spec["root"])
+        cases, labels = read_folder_pairs(spec)
+    elif layout == "case_folders":
+        cases, labels = read_case_folders(spec)
+    else:
+        cases, labels = read_msd_dataset(spec["root"] if isinstance(spec, dict) else spec)
+    seen: dict[str, Case] = {}
+    for case in cases:
+        other = seen.setdefault(case.case_id, case)
+        if other is not case:
+            raise DatasetError(
+                f"{case.label}: its case id {case.case_id!r} is also that of {other.label}; splits and results "
+                "name cases by id, so each case needs its own (rename or remove one)"
+            )
+    return cases, labels
 
 
 def split_cases(case_ids: list[str], *, validation_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -171,11 +189,22 @@ def load_or_make_splits(path: Path, case_ids: list[str], *, folds: int, validati
     """The splits saved at ``path``, or new seeded ones written there, so later runs compare on the same cases.
 
     Raises:
-        DatasetError: the saved splits name cases the dataset lacks, or leave some out.
+        DatasetError: the case ids repeat; the saved splits name cases the dataset lacks, leave some out, name a
+            case twice in one split, put a case in both a split's train and val, or validate a case in two folds.
     """
     path = Path(path)
+    repeated = sorted(c for c, n in Counter(case_ids).items() if n > 1)
+    if repeated:
+        raise DatasetError(f"case id(s) {repeated[:5]} name more than one case; each case needs its own id")
     if path.is_file():
         splits = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(splits, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list) for s in splits
+        ):
+            raise DatasetError(
+                f'{path}: not a splits file; it holds a list of {{"train": [case ids], "val": [case ids]}}, one '
+                "per fold"
+            )
         if len(splits) != max(folds, 1):
             raise DatasetError(
                 f"{path}: holds {len(splits)} split(s), the config asks for {max(folds, 1)} "
@@ -188,6 +217,7 @@ def load_or_make_splits(path: Path, case_ids: list[str], *, folds: int, validati
                 f"{path}: the saved splits do not match the dataset (not in the splits: {missing[:5]}, "
                 f"not in the dataset: {extra[:5]}); delete the file or point splits_file elsewhere"
             )
+        _refuse_leaks(splits, path)
         return splits
     if folds:
         splits = kfold_splits(case_ids, folds=folds, seed=seed)
@@ -199,6 +229,30 @@ def load_or_make_splits(path: Path, case_ids: list[str], *, folds: int, validati
     tmp.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
     return splits
+
+
+def _refuse_leaks(splits: list[dict[str, list[str]]], path: Path) -> None:
+    """Refuse a split that validates on a case it trains on, names a case twice, or folds whose val parts overlap:
+    a leaked case inflates the validation score silently."""
+    for i, split in enumerate(splits):
+        for part in ("train", "val"):
+            twice = sorted(c for c, n in Counter(split[part]).items() if n > 1)
+            if twice:
+                raise DatasetError(f"{path}: split {i} names case(s) {twice[:5]} more than once in {part}")
+        both = sorted(set(split["train"]) & set(split["val"]))
+        if both:
+            raise DatasetError(
+                f"{path}: split {i} has case(s) {both[:5]} in both train and val; a case used to train cannot "
+                "validate; fix the file or delete it to make new splits"
+            )
+    for i, first in enumerate(splits):
+        for j in range(i + 1, len(splits)):
+            shared = sorted(set(first["val"]) & set(splits[j]["val"]))
+            if shared:
+                raise DatasetError(
+                    f"{path}: case(s) {shared[:5]} validate in both fold {i} and fold {j}; k-fold validation parts "
+                    "must not overlap; fix the file or delete it to make new splits"
+                )
 
 
 def read_label(path: Path, valid_values: set[int]) -> sitk.Image:

@@ -11,11 +11,14 @@ knowingly.
 Each is run over the validation cases with the engine's sliding window. ``<run_dir>/exports/report.json`` gives
 its largest logit difference from PyTorch on real windows, its Dice per label, its seconds over the validation
 cases and the ratio to float32 PyTorch, and its file size. TorchScript and ONNX must match PyTorch within
-:data:`PARITY`; an export that does not is an error, and its file is removed.
+:data:`PARITY`; an export that does not is an error. Each file is written under a temporary name in the same
+folder and renamed once it has passed, so a failed or mismatching export (or its intermediate ONNX file for int8)
+leaves no file behind, and an earlier good one is not replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -51,6 +54,22 @@ class OnnxNetwork(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0]).to(x.device)
+
+
+def _temporary(path: Path) -> Path:
+    """The name ``path`` is written under until it has passed (``model.onnx``: ``.model.tmp.onnx``)."""
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A temporary file beside ``path``, renamed to it when the block succeeds and removed whatever happens."""
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _windows(cases, roi, count: int, seed: int) -> list[np.ndarray]:
@@ -103,7 +122,8 @@ def export_model(
         training_cases: prepared cases to calibrate the int8 quantisation on.
 
     Raises:
-        ExportError: TorchScript or ONNX logits differ from PyTorch by more than :data:`PARITY`.
+        ExportError: TorchScript or ONNX logits differ from PyTorch by more than :data:`PARITY` (no file of a
+            failed export is left in ``out``).
     """
     from medseg.inference import InferenceOptions
     from medseg.models.folder import load_model_folder
@@ -124,13 +144,12 @@ def export_model(
     example = torch.from_numpy(np.concatenate(windows[:2]))
 
     def record(kind: str, variant, path: Path | None, options=exact) -> None:
+        """Check and score ``variant``; ``path`` is the export's final name, its file still under the temporary."""
         entry: dict[str, Any] = {}
         if kind in PARITY:
             difference = _largest_difference(variant, network, windows)
             entry["max_abs_logit_difference"] = float(f"{difference:.3g}")
             if difference > PARITY[kind]:
-                if path is not None:
-                    path.unlink(missing_ok=True)
                 raise ExportError(
                     f"{kind} export of {folder} differs from PyTorch by {difference:.3g} (tolerance {PARITY[kind]})"
                 )
@@ -144,39 +163,45 @@ def export_model(
         )
         if path is not None:
             entry["file"] = path.name
-            entry["file_MiB"] = _mib(path)
+            entry["file_MiB"] = _mib(_temporary(path))
         report[kind] = entry
         logger.info("export %s: %s", kind, entry)
 
     if "torchscript" in kinds:
         path = out / "model.torchscript.pt"
-        with torch.no_grad():
-            torch.jit.save(torch.jit.trace(network, example), str(path))
-        record("torchscript", torch.jit.load(str(path)).eval(), path)
+        with _staged(path) as tmp:
+            with torch.no_grad():
+                torch.jit.save(torch.jit.trace(network, example), str(tmp))
+            record("torchscript", torch.jit.load(str(tmp)).eval(), path)
     onnx_path = out / "model.onnx"
-    if "onnx" in kinds or "int8" in kinds:
-        with torch.no_grad():
-            torch.onnx.export(
-                network,
-                (example,),
-                str(onnx_path),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "windows"}, "logits": {0: "windows"}},
-                dynamo=False,
-            )
-    if "onnx" in kinds:
-        record("onnx", OnnxNetwork(onnx_path), onnx_path)
-    if "fp16" in kinds:
-        precision = "fp16" if torch.cuda.is_available() else "bf16"
-        record("fp16", network, None, InferenceOptions(precision=precision))
-        report["fp16"]["precision"] = precision
-    if "int8" in kinds:
-        path = out / "model.int8.onnx"
-        _quantize(onnx_path, path, _windows(training_cases, roi, 8, seed + 1))
-        record("int8", OnnxNetwork(path), path)
-        if "onnx" not in kinds:
-            onnx_path.unlink()
+    onnx_tmp = _temporary(onnx_path)  # int8 alone quantises it and removes it
+    try:
+        if "onnx" in kinds or "int8" in kinds:
+            with torch.no_grad():
+                torch.onnx.export(
+                    network,
+                    (example,),
+                    str(onnx_tmp),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_axes={"image": {0: "windows"}, "logits": {0: "windows"}},
+                    dynamo=False,
+                )
+        if "onnx" in kinds:
+            record("onnx", OnnxNetwork(onnx_tmp), onnx_path)
+            onnx_tmp.replace(onnx_path)
+        if "fp16" in kinds:
+            precision = "fp16" if torch.cuda.is_available() else "bf16"
+            record("fp16", network, None, InferenceOptions(precision=precision))
+            report["fp16"]["precision"] = precision
+        if "int8" in kinds:
+            path = out / "model.int8.onnx"
+            with _staged(path) as tmp:
+                source = onnx_path if "onnx" in kinds else onnx_tmp
+                _quantize(source, tmp, _windows(training_cases, roi, 8, seed + 1))
+                record("int8", OnnxNetwork(tmp), path)
+    finally:
+        onnx_tmp.unlink(missing_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 
@@ -262,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         training = [prepare_case(by_id[c], card.preprocessing, values) for c in split.get("train", [])[:16]]
         out = Path(args.out) if args.out else config.run_path / "exports"
         report = export_model(folder, out, args.kinds, validation, training or validation, seed=config.seed)
-    except (MedSegError, ValueError, OSError) as exc:
+    except (MedSegError, ValueError, OSError, ExportError) as exc:
         print(f"python -m training.export: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1))

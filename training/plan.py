@@ -57,11 +57,23 @@ def plan_layers(spacing, patch) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def _fit_patch(shape, spacing, max_voxels: int) -> list[int]:
-    patch = np.maximum(np.asarray(shape, float), MIN_FEATURE * 2)
+    """``shape`` shrunk along its longest physical axis (of those above 8 voxels) until it fits ``max_voxels``.
+
+    Raises:
+        ValueError: the budget is below the smallest patch, 8 voxels along each axis.
+    """
+    smallest = MIN_FEATURE * 2
+    if max_voxels < smallest**3:
+        raise ValueError(
+            f"plan dynunet: a patch budget of {max_voxels} voxels (the product of patch_size) is below the smallest "
+            f"patch the plan makes, {smallest}^3 = {smallest**3} voxels; raise patch_size"
+        )
+    patch = np.maximum(np.asarray(shape, float), smallest)
     while np.prod(patch) > max_voxels:
-        physical = patch * np.asarray(spacing)
+        # an axis already at the floor cannot shrink: the longest of the others does
+        physical = np.where(patch > smallest, patch * np.asarray(spacing), -np.inf)
         axis = int(np.argmax(physical))
-        patch[axis] = max(MIN_FEATURE * 2, patch[axis] * 0.9)
+        patch[axis] = max(smallest, patch[axis] * 0.9)
     return [int(p) for p in patch]
 
 

@@ -153,7 +153,7 @@ def _finite_mean(values: list[float]) -> float | None:
 
 
 def validate(network, cases: list[PreparedCase], card, device) -> dict[str, dict[str, float | None]]:
-    """Per label: mean Dice, IoU, precision, recall and HD95 (mm, over cases where both masks exist)."""
+    """Per label: mean Dice, IoU, precision, recall and HD95 (mm, over the cases where both masks hold the label)."""
     from medseg.inference import InferenceOptions, sliding_window_probabilities
     from medseg.metrics import evaluate
 
@@ -163,11 +163,16 @@ def validate(network, cases: list[PreparedCase], card, device) -> dict[str, dict
     # validation would each be converted (and cached) for OpenVINO
     exact = InferenceOptions(precision="fp32", backend="torch")
     per_label: dict[int, list] = {label.value: [] for label in card.labels}
+    hd95: dict[int, list[float]] = {value: [] for value in per_label}
     for case in cases:
         probabilities = sliding_window_probabilities(network, case.volume, card.inference, device=device, options=exact)
-        scores = evaluate(np.argmax(probabilities, 0), case.label, list(per_label), case.spacing)
+        prediction = np.argmax(probabilities, 0)
+        scores = evaluate(prediction, case.label, list(per_label), case.spacing)
         for value, metrics in scores.items():
             per_label[value].append(metrics)
+            # a label absent from both masks has HD95 0 and one absent from either inf: neither is a distance
+            if (prediction == value).any() and (case.label == value).any():
+                hd95[value].append(metrics.hd95)
     network.train(was_training)
     names = {label.value: label.name for label in card.labels}
     return {
@@ -176,7 +181,7 @@ def validate(network, cases: list[PreparedCase], card, device) -> dict[str, dict
             "iou": round(float(np.mean([m.iou for m in ms])), 4),
             "precision": round(float(np.mean([m.precision for m in ms])), 4),
             "recall": round(float(np.mean([m.recall for m in ms])), 4),
-            "hd95": _finite_mean([m.hd95 for m in ms]),
+            "hd95": _finite_mean(hd95[v]),
         }
         for v, ms in per_label.items()
     }
@@ -258,6 +263,29 @@ RESUME_IGNORED = {
 }
 
 
+def _resume_card(card) -> dict[str, Any]:
+    """The parts of the card the weights are trained for (channels, label values and names, preprocessing, network
+    as planned, dropout set), defaults filled in; a checkpoint made with others is refused. Label colours and
+    terminology, the inference settings and the descriptive fields may change."""
+    import dataclasses
+
+    parts = {
+        "channels": [dataclasses.asdict(channel) for channel in card.channels],
+        "labels": [{"value": label.value, "name": label.name} for label in card.labels],
+        "preprocessing": dataclasses.asdict(card.preprocessing),
+        "network": dataclasses.asdict(card.network),
+    }
+    return json.loads(json.dumps(parts, default=list))
+
+
+def _differences(saved: Any, now: Any, prefix: str) -> list[str]:
+    """The dotted keys at which two parsed JSON documents differ (lists compare whole)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = sorted(set(saved) | set(now))
+        return [d for k in keys for d in _differences(saved.get(k), now.get(k), f"{prefix}.{k}")]
+    return [] if saved == now else [prefix]
+
+
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's recorded config, with each option added since then (augmentation's too) at its default."""
     import dataclasses
@@ -270,6 +298,24 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     if isinstance(saved.get("augmentation"), dict):
         merged["augmentation"] = {**defaults(Augmentation), **saved["augmentation"]}
     return merged
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """PyTorch's global random state (CPU, and the training GPU's): dropout draws from it. Sampling and
+    augmentation draw from their own seeded generators, and nothing draws from numpy's or Python's global one."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _restore_rng(state: dict[str, Any] | None, device: torch.device) -> None:
+    """Continue PyTorch's random stream where a checkpoint left it (a checkpoint without one: as seeded)."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _save_atomically(obj, path: Path) -> None:
@@ -427,6 +473,7 @@ def train(
     plan = None
     if config.plan == "dynunet":
         config, draft, card, plan = _apply_plan(config, draft, cases)
+    resume_card = _resume_card(card)
     run_dir = config.run_path
     checkpoint_path = run_dir / "checkpoint.pt"
     checkpoint = None
@@ -435,6 +482,8 @@ def train(
         # an option added since the checkpoint was made counts as its default
         saved, now = _with_defaults(checkpoint["config"]), config.as_dict()
         changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_IGNORED and saved.get(k) != now.get(k))
+        if "card" in checkpoint:  # a checkpoint from before cards were recorded is compared by its config alone
+            changed += _differences(checkpoint["card"], resume_card, "card")
         if changed:
             raise ValueError(
                 f"{checkpoint_path}: made with a different config ({', '.join(changed)} changed); "
@@ -496,7 +545,15 @@ def train(
         "seconds": 0.0,
     }
     if checkpoint is not None:
+        if checkpoint["state"]["step"] > total_steps:
+            done = checkpoint["state"]["step"]
+            raise ValueError(
+                f"{checkpoint_path}: the run has done {done} steps ({done / per_epoch:g} epochs), more than the "
+                f"{total_steps} of epochs {config.epochs}; resume with epochs of at least {-(-done // per_epoch)}, "
+                "or start afresh without --resume"
+            )
         optimisation.load_state_dict(checkpoint)
+        _restore_rng(checkpoint.get("rng"), device)
         state = checkpoint["state"]
         logger.info("resumed from %s at step %d", checkpoint_path, state["step"])
     earlier_seconds = state["seconds"]
@@ -506,7 +563,41 @@ def train(
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         state["seconds"] = earlier_seconds + time.time() - started
-        _save_atomically({"config": config.as_dict(), **optimisation.state_dict(), "state": state}, checkpoint_path)
+        _save_atomically(
+            {
+                "config": config.as_dict(),
+                "card": resume_card,
+                **optimisation.state_dict(),
+                "state": state,
+                "rng": _rng_state(device),
+            },
+            checkpoint_path,
+        )
+
+    def validate_epoch(entry: dict[str, Any]) -> bool:
+        """Validate (first process), record into the epoch's history ``entry``, keep the best weights; returns
+        whether early stopping ends the run (on every process)."""
+        if dist.main:
+            metrics = validate(network, val_cases, card, device)
+            entry["validation"] = metrics
+            mean = float(np.mean([m["dice"] for m in metrics.values()]))
+            entry["validation_mean_dice"] = round(mean, 4)
+            if mean > state["best"][0]:
+                state["best"] = (mean, entry["epoch"])
+                state["best_state"] = {
+                    k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                    for k, v in network.state_dict().items()
+                }
+                state["stale"] = 0
+            else:
+                state["stale"] += 1
+            logger.info(
+                "epoch %d: loss %.4f, validation Dice %s",
+                entry["epoch"],
+                entry["loss"],
+                {k: m["dice"] for k, m in metrics.items()},
+            )
+        return dist.broadcast(bool(config.early_stopping) and state["stale"] >= config.early_stopping)
 
     share = config.batch_size // dist.world
     positions = range(dist.rank * share, (dist.rank + 1) * share)
@@ -556,28 +647,7 @@ def train(
                 )
                 state["epoch_adversarial"] = []
             if (epoch + 1) % config.validate_every == 0 or state["step"] == total_steps:
-                if dist.main:
-                    metrics = validate(network, val_cases, card, device)
-                    entry["validation"] = metrics
-                    mean = float(np.mean([m["dice"] for m in metrics.values()]))
-                    entry["validation_mean_dice"] = round(mean, 4)
-                    if mean > state["best"][0]:
-                        state["best"] = (mean, epoch + 1)
-                        state["best_state"] = {
-                            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-                            for k, v in network.state_dict().items()
-                        }
-                        state["stale"] = 0
-                    else:
-                        state["stale"] += 1
-                stopped_early = dist.broadcast(bool(config.early_stopping) and state["stale"] >= config.early_stopping)
-                if dist.main:
-                    logger.info(
-                        "epoch %d: loss %.4f, validation Dice %s",
-                        epoch + 1,
-                        entry["loss"],
-                        {k: m["dice"] for k, m in metrics.items()},
-                    )
+                stopped_early = validate_epoch(entry)
             state["history"].append(entry)
             if dist.main:
                 write_metrics(run_dir, state, config)
@@ -598,6 +668,12 @@ def train(
             return None
     if progress is not None:
         progress.close()
+    last = state["history"][-1] if state["history"] else None
+    if not stopped_early and dist.broadcast(last is not None and "validation" not in last):
+        # resumed at its last step from a checkpoint of a longer run, whose last epoch was not validated
+        validate_epoch(last)
+        if dist.main:
+            write_metrics(run_dir, state, config)
     save_checkpoint()
     dist.barrier()
     if not dist.main:

@@ -50,3 +50,29 @@ def test_evaluate_images_uses_image_spacing_in_numpy_order():
     metrics = evaluate_images(a, b, [1])[1]
     assert metrics.hd95 == pytest.approx(4.0)
     assert metrics.dice == pytest.approx(0.75)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI deprecates an argument it passes itself
+def test_hd95_is_the_larger_directed_percentile_not_one_pooled_percentile():
+    """A false-positive plate beside a cube: 36 of the prediction's 524 surface voxels (6.9 %) are 12 mm from the
+    reference, so the prediction-to-reference 95th percentile is 12 mm and reference-to-prediction's 0 mm. Pooled
+    with the reference's 488 zeros, the plate is 36 of 1012 distances (3.6 %) and a pooled percentile says 0."""
+    reference = np.zeros((30, 30, 30), bool)
+    reference[5:15, 5:15, 5:15] = True  # 10^3 - 8^3 = 488 surface voxels
+    prediction = reference.copy()
+    prediction[20, 7:13, 7:13] = True  # 6 x 6, all surface, 6 voxels of 2 mm beyond the cube's face at index 14
+    spacing = (2.0, 1.0, 1.0)
+    m = label_metrics(prediction, reference, spacing)
+    assert m.hd95 == pytest.approx(12.0)
+    assert label_metrics(reference, prediction, spacing).hd95 == pytest.approx(12.0), "symmetric"
+    assert m.assd == pytest.approx(36 * 12.0 / (524 + 488)), "ASSD still averages both directions together"
+    try:
+        import torch
+        from monai.metrics import compute_hausdorff_distance
+    except ImportError:
+        return
+    as_tensor = lambda mask: torch.from_numpy(mask[None, None].astype(np.float32))  # noqa: E731
+    monai = compute_hausdorff_distance(
+        as_tensor(prediction), as_tensor(reference), include_background=True, percentile=95, spacing=spacing
+    )
+    assert float(monai) == pytest.approx(m.hd95)

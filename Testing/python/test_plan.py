@@ -112,3 +112,41 @@ def test_deep_supervision_trains_extra_outputs_and_the_engine_uses_the_full_reso
         train(load_config(write_config(tmp_path, dataset, **common, deep_supervision=2)))
     with pytest.raises(ValueError, match="deep_supervision needs plan dynunet"):
         load_config(write_config(tmp_path, dataset, deep_supervision=1))
+
+
+class _Deadline:
+    """Fail the block after ``seconds`` (SIGALRM) instead of hanging the suite."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def expire(signum, frame):
+            raise TimeoutError(f"still running after {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_a_patch_budget_below_the_smallest_patch_is_a_clear_error_not_a_hang(tmp_path):
+    paths = _headers(tmp_path, (40, 40, 40), (1.0, 1.0, 1.0))
+    with _Deadline(20), pytest.raises(ValueError, match=r"patch budget of 300 voxels .* below .* 8\^3 = 512 voxels"):
+        plan_dynunet(paths, max_patch_voxels=300)
+    with pytest.raises(ValueError, match=r"config.json: plan dynunet .* voxel budget, and 343 is below"):
+        load_config(write_config(tmp_path, tmp_path, plan="dynunet", patch_size=[7, 7, 7]))
+
+
+def test_a_coarse_axis_at_the_smallest_size_lets_the_others_shrink(tmp_path):
+    """10 mm slices, 8 of them: the longest physical axis cannot shrink below 8 voxels, so the others must."""
+    paths = _headers(tmp_path, (100, 100, 8), (1.0, 1.0, 10.0))
+    with _Deadline(20):
+        plan = plan_dynunet(paths, max_patch_voxels=20_000)
+    assert np.prod(plan["patch_size"]) <= 20_000 and plan["patch_size"][2] == 8

@@ -228,7 +228,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
 
     dataset = make_dataset(tmp_path / "toy")
     augmentation = {"flip_axes": [1], "rotation_degrees": 10, "scale": 0.1, "elastic_probability": 0.3}
-    common = {"epochs": 3, "steps_per_epoch": 2, "augmentation": augmentation, "validate_every": 2}
+    # dropout draws from PyTorch's global generator, which the checkpoint carries on
+    common = {"epochs": 3, "steps_per_epoch": 2, "augmentation": augmentation, "validate_every": 2, "dropout": 0.2}
     straight = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "a" / "m"), **common))
     split = load_config(write_config(tmp_path, dataset, output=str(tmp_path / "b" / "m"), **common))
     folder_a = train(straight)
@@ -256,6 +257,58 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
     changed = load_config(write_config(tmp_path, dataset, epochs=2, learning_rate=0.5))
     with pytest.raises(ValueError, match=r"checkpoint.pt: made with a different config \(learning_rate changed\)"):
         train(changed, resume=True)
+
+
+def test_resume_with_a_changed_card_is_refused(tmp_path):
+    """The weights were learnt on the card's preprocessing: other spacing or normalisation would not fit them."""
+    import torch
+
+    dataset = make_dataset(tmp_path / "toy")
+    card = json.loads(write_config(tmp_path, dataset).read_text())["card"]
+    train(load_config(write_config(tmp_path, dataset, epochs=2)), stop_at_step=1)
+    for part, value, changed in (
+        ("spacing", [2.0, 2.0, 2.0], "card.preprocessing.spacing"),
+        (
+            "normalization",
+            {"method": "none"},
+            "card.preprocessing.normalization.clip_percentiles, card.preprocessing.normalization.method",
+        ),
+    ):
+        edited = json.loads(json.dumps(card))
+        edited["preprocessing"][part] = value
+        config = load_config(write_config(tmp_path, dataset, epochs=2, card=edited))
+        with pytest.raises(ValueError, match=rf"checkpoint.pt: made with a different config \({changed} changed\)"):
+            train(config, resume=True)
+    edited = json.loads(json.dumps(card))
+    edited["labels"][1]["name"] = "Renamed"
+    with pytest.raises(ValueError, match=r"\(card.labels changed\)"):
+        train(load_config(write_config(tmp_path, dataset, epochs=2, card=edited)), resume=True)
+    edited["labels"][1]["name"] = card["labels"][1]["name"]
+    edited["labels"][1]["color"] = [1, 2, 3]  # the colour only: the weights are as good
+    edited["description"] = "a new description"
+    folder = train(load_config(write_config(tmp_path, dataset, epochs=2, card=edited)), resume=True)
+    assert json.loads((folder / "model.json").read_text())["labels"][1]["color"] == [1, 2, 3]
+    checkpoint = torch.load(tmp_path / "out" / "toy-model.run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["card"]["preprocessing"]["spacing"] is None
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused_or_validates_its_last_epoch(tmp_path):
+    """A checkpoint of a longer run at or past the new end: refused past it; at it, the last epoch is validated
+    (it was not, the run's validations being further on) and the model folder written from it."""
+    dataset = make_dataset(tmp_path / "toy")
+    train(load_config(write_config(tmp_path, dataset, epochs=3, validate_every=5)), stop_at_step=4)  # 2 epochs
+    fewer = load_config(write_config(tmp_path, dataset, epochs=1, validate_every=5))
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint.pt: the run has done 4 steps \(2 epochs\), more than the 2 of epochs 1; resume with "
+        r"epochs of at least 2",
+    ):
+        train(fewer, resume=True)
+    config = load_config(write_config(tmp_path, dataset, epochs=2, validate_every=5))
+    folder = train(config, resume=True)
+    assert json.loads((folder / "model.json").read_text())["training"]["best_epoch"] == 2
+    history = json.loads((config.run_path / "metrics.json").read_text())["history"]
+    assert [e["epoch"] for e in history] == [1, 2] and "validation" in history[-1] and "validation" not in history[0]
 
 
 @pytest.mark.slow
@@ -428,6 +481,80 @@ def test_folder_pairs_with_a_missing_image_channel_are_refused(tmp_path):
     }
     with pytest.raises(DatasetError, match=r"c0_0001.nii.gz: the image for label .*c0.nii.gz is missing"):
         read_dataset(spec)
+
+
+def test_single_channel_folder_pairs_with_nnunet_names_are_read(tmp_path):
+    """case_0000.nii.gz pairs with labels/case.nii.gz when channels is 1, as it does for several channels."""
+    from training.data import DatasetError, read_dataset
+
+    first, _, labels = _two_channel_case(np.random.default_rng(1))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for case in ("c0", "c1"):
+        _write_image(first, tmp_path / "images" / f"{case}_0000.nii.gz")
+        _write_image(labels, tmp_path / "labels" / f"{case}.nii.gz")
+    spec = {
+        "layout": "folders",
+        "images": str(tmp_path / "images"),
+        "labels_dir": str(tmp_path / "labels"),
+        "labels": {"0": "bg", "1": "a", "2": "b"},
+    }
+    cases, _ = read_dataset(spec)
+    assert [(c.case_id, [p.name for p in c.images]) for c in cases] == [
+        ("c0", ["c0_0000.nii.gz"]),
+        ("c1", ["c1_0000.nii.gz"]),
+    ]
+    _write_image(first, tmp_path / "images" / "c2_0000.nii.gz")  # no labels/c2.nii.gz
+    with pytest.raises(DatasetError, match=r"labels: no label file for image\(s\) \['c2'\]"):
+        read_dataset(spec)
+
+
+def test_two_label_files_with_one_case_id_are_refused(tmp_path):
+    """labels/x.nii.gz and labels/x.nrrd are both case x: splits and results could not tell them apart."""
+    from training.data import DatasetError, read_dataset
+
+    first, _, labels = _two_channel_case(np.random.default_rng(1))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for suffix in (".nii.gz", ".nrrd"):
+        _write_image(first, tmp_path / "images" / f"x{suffix}")
+        _write_image(labels, tmp_path / "labels" / f"x{suffix}")
+    spec = {
+        "layout": "folders",
+        "images": str(tmp_path / "images"),
+        "labels_dir": str(tmp_path / "labels"),
+        "labels": {"0": "bg", "1": "a", "2": "b"},
+    }
+    with pytest.raises(DatasetError, match=r"x\.nrrd: its case id 'x' is also that of .*x\.nii\.gz"):
+        read_dataset(spec)
+
+
+def test_saved_splits_that_leak_cases_are_refused(tmp_path):
+    from training.data import DatasetError, load_or_make_splits
+
+    ids = [f"c{i}" for i in range(6)]
+    path = tmp_path / "splits.json"
+
+    def load(splits, folds):
+        path.write_text(json.dumps(splits))
+        return load_or_make_splits(path, ids, folds=folds, validation_fraction=0.2, seed=0)
+
+    with pytest.raises(DatasetError, match=r"splits.json: split 0 has case\(s\) \['c1'\] in both train and val"):
+        load([{"train": ids, "val": ["c1"]}], 0)
+    overlapping = [
+        {"train": ["c2", "c3", "c4", "c5"], "val": ["c0", "c1"]},
+        {"train": ["c0", "c4", "c5"], "val": ["c1", "c2", "c3"]},
+        {"train": ["c0", "c1", "c2", "c3"], "val": ["c4", "c5"]},
+    ]
+    with pytest.raises(DatasetError, match=r"case\(s\) \['c1'\] validate in both fold 0 and fold 1"):
+        load(overlapping, 3)
+    with pytest.raises(DatasetError, match=r"split 0 names case\(s\) \['c2'\] more than once in train"):
+        load([{"train": ["c2", "c2", "c3", "c4", "c5"], "val": ["c0", "c1"]}], 0)
+    with pytest.raises(DatasetError, match=r"case id\(s\) \['c0'\] name more than one case"):
+        load_or_make_splits(tmp_path / "new.json", [*ids, "c0"], folds=0, validation_fraction=0.2, seed=0)
+    assert not (tmp_path / "new.json").exists()
+    fine = [{"train": ["c2", "c3", "c4", "c5"], "val": ["c0", "c1"]}]
+    assert load(fine, 0) == fine
 
 
 def test_a_card_with_other_channels_than_the_dataset_is_refused(tmp_path):
@@ -707,6 +834,13 @@ def test_validation_metrics_are_per_label_and_in_millimetres():
     for name in ("dice", "precision", "recall"):  # label 2: 3 of 4 slices shared, one lost, one gained
         assert metrics["Other"][name] == pytest.approx(0.75, abs=1e-4)
     assert metrics["Bright"]["hd95"] == pytest.approx(2.0, abs=1e-4), "one voxel along x is 2 mm"
+    # a case without label 2, in the reference or the prediction, has no HD95 for it (not 0 mm)
+    without = np.where(label == 2, 0, label).astype(np.uint8)
+    other = PreparedCase("d", without[None].astype(np.float32), without, spacing=(2.0, 1.0, 1.0))
+    both = validate(Shifted(), [case, other], card, torch.device("cpu"))
+    assert both["Other"]["hd95"] == pytest.approx(metrics["Other"]["hd95"]) and metrics["Other"]["hd95"] > 0
+    assert both["Other"]["dice"] == pytest.approx((0.75 + 1.0) / 2, abs=1e-4), "Dice still counts it, as 1"
+    assert validate(Shifted(), [other], card, torch.device("cpu"))["Other"]["hd95"] is None
 
 
 @pytest.mark.slow
@@ -860,3 +994,45 @@ def test_a_held_out_case_missing_from_the_dataset_is_a_clear_error(tmp_path):
     assert held_out_cases(card, tmp_path / "fold0", config, {"case_001": 1, "case_004": 4}) == [1, 4]
     with pytest.raises(ValueError, match=r"fold0: held-out case\(s\) case_004 are not in .*toy"):
         held_out_cases(card, tmp_path / "fold0", config, {"case_001": 1})
+
+
+def _prepared_cases(n=2):
+    from training.data import PreparedCase
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(n):
+        label = np.zeros((20, 24, 20), np.uint8)
+        label[5:12, 6:14, 4:10] = 1
+        volume = rng.normal(0, 1, (1, *label.shape)).astype(np.float32) + 2 * (label > 0)
+        cases.append(PreparedCase(f"c{i}", volume, label))
+    return cases
+
+
+def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch):
+    """int8 fails after the intermediate ONNX file and its own are written: neither stays; the TorchScript export
+    before it passed and does."""
+    from helpers import write_model_folder
+
+    from training import export
+
+    folder = write_model_folder(tmp_path / "model")
+    out = tmp_path / "exports"
+    monkeypatch.setitem(export.PARITY, "int8", -1.0)  # the one stand-in: no int8 model can pass this
+    with pytest.raises(export.ExportError, match="int8 export of .*model differs from PyTorch"):
+        export.export_model(folder, out, ["torchscript", "int8"], _prepared_cases(), _prepared_cases())
+    assert sorted(p.name for p in out.iterdir()) == ["model.torchscript.pt"]
+
+
+@pytest.mark.slow
+def test_the_command_reports_a_failed_export_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from training import export
+    from training.__main__ import main
+
+    dataset = make_dataset(tmp_path / "toy")
+    path = write_config(tmp_path, dataset, epochs=1, export=["onnx"])
+    monkeypatch.setitem(export.PARITY, "onnx", -1.0)  # the one stand-in: no ONNX model can pass this
+    assert main([str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "medseg-train: error: onnx export of" in error and "Traceback" not in error
+    assert list((tmp_path / "out" / "toy-model.run" / "exports").iterdir()) == [], "no file of the failed export"
