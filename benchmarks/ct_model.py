@@ -4,8 +4,9 @@ An untrained network's two logits are nearly equal in most voxels, so its labels
 model's are not. ``benchmarks/inference.py --model unet-ct`` uses this model to show what a real model does under
 each precision. It is fitted here, on the CPU, to the abdominal CT in ``../shared/data/ct_multiorgan`` (Apache-2.0;
 its labels are TotalSegmentator's output, value 5 = liver), at the benchmark card's 1.5 x 1.5 x 2 mm with 96^3
-patches, and cached under ``~/.cache/medseg/benchmarks`` (never committed). It is a benchmark fixture, fitted to
-one scan: its accuracy is not the point, only that its outputs are as confident as a trained model's.
+patches, and cached under ``benchmarks/`` in the engine's cache folder (``$MEDSEG_CACHE_DIR``, else
+``~/.cache/medseg``; never committed). It is a benchmark fixture, fitted to one scan: its accuracy is not the point,
+only that its outputs are as confident as a trained model's.
 
 python benchmarks/ct_model.py            # fit (about 2 minutes on 2 cores) or reuse the cached folder
 """
@@ -24,7 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedSegExtension"))
 
 DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data")) / "ct_multiorgan"
-CACHE = Path(os.environ.get("MEDSEG_CACHE", Path.home() / ".cache" / "medseg")) / "benchmarks" / "unet-ct-liver"
+
+
+def _cache_dir() -> Path:
+    """The engine's cache folder: ``$MEDSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/medseg``, else ``~/.cache/medseg``."""
+    try:
+        from medseg.backends import cache_dir
+    except ImportError:  # the engine's dependencies are missing: the same rule as medseg.backends.cache_dir
+        if os.environ.get("MEDSEG_CACHE_DIR"):
+            return Path(os.environ["MEDSEG_CACHE_DIR"])
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medseg"
+    return cache_dir()
+
+
+CACHE = _cache_dir() / "benchmarks" / "unet-ct-liver"
 LIVER = 5
 STEPS = 300
 PATCH = (96, 96, 96)

@@ -9,8 +9,9 @@ Every image (NIfTI, NRRD, MHA/MHD, or a sub-folder holding one DICOM series) bec
 ``<output>/<case>.seg.nrrd``. For a model with several channels, the channels of a case are files named like
 nnU-Net's ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... in the card's order. A case that fails is reported
 and the batch goes on; at the end a summary lists what succeeded and failed, and ``batch_summary.json`` in the
-output folder records it. The exit status is 0 when every case succeeded, 1 when any failed, 2 for bad options
-or an input folder without a single image. Two inputs with the same case name (``a.nii.gz`` and ``a.nrrd``) are
+output folder records it. The exit status is 0 when every case succeeded, 1 when any failed, 2 for bad options,
+an input folder without a single image, or missing engine packages (torch, MONAI, ...: named, with how to install
+them; nothing is installed). Two inputs with the same case name (``a.nii.gz`` and ``a.nrrd``) are
 both reported, not run: their results would share one file. An output folder inside the input folder is not a case.
 """
 
@@ -209,11 +210,30 @@ def writeSummary(outcomes: Sequence[CaseOutcome], folder: Path, log=print) -> Pa
     return path
 
 
+def missingPackagesMessage() -> str | None:
+    """One line naming the engine's packages missing from this Python and how to install them; None if none is."""
+    from MedSegLib.dependencies import missingRequirements
+
+    missing = [r.requirement for r in missingRequirements()]
+    if not missing:
+        return None
+    quoted = " ".join(f'"{m}"' for m in missing)
+    return (
+        f"MedSeg's engine needs Python packages that {sys.executable} lacks: {', '.join(missing)}. Nothing was "
+        "installed. In Slicer, press Apply once in the MedSeg module (it asks, then installs them, torch through the "
+        f"PyTorch extension); in another Python: {sys.executable} -m pip install {quoted}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.input.is_dir():
         print(f"batch: error: {args.input} is not a folder", file=sys.stderr)
+        return 2
+    missing = missingPackagesMessage()
+    if missing:  # the engine would fail on its first import, with a traceback
+        print(f"batch: error: {missing}", file=sys.stderr)
         return 2
     from medseg.errors import MedSegError
 

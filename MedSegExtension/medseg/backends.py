@@ -51,7 +51,7 @@ about 2e-4 of their range on that U-Net, and 2 voxels in 100 000 changed label o
   puts the reason in the run's notes. A cache that cannot be written only logs a warning: the next process
   converts again.
 
-``pip install "medseg[openvino]"`` installs it.
+``pip install openvino`` installs it (in Slicer: ``slicer.util.pip_install("openvino")``).
 """
 
 from __future__ import annotations
@@ -389,7 +389,9 @@ def _converted(network, window, threads, use_disk, head) -> _Converted:
     """The held conversion of ``network`` for ``window``, else the disk cache's, else a fresh conversion (checked
     against PyTorch, then cached). Called under ``_lock``."""
     if not openvino_available():
-        raise BackendUnavailableError('OpenVINO is not installed (pip install "medseg[openvino]")')
+        raise BackendUnavailableError(
+            'OpenVINO is not installed (pip install openvino; in Slicer: slicer.util.pip_install("openvino"))'
+        )
     # in memory, keyed by where the weights are and their in-place-change counters: no hashing on a repeat run
     state = (rewrite.weights_state(network), window, threads)
     held = _memory.get(network)

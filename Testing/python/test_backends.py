@@ -364,7 +364,9 @@ def test_without_openvino_auto_runs_pytorch_and_openvino_says_how_to_install(mon
     report = InferenceReport()
     sliding_window_probabilities(unet(), volume, settings, device=CPU, options=InferenceOptions("fp32"), report=report)
     assert report.backend == "torch" and not report.notes
-    with pytest.raises(MedSegError, match=r'OpenVINO is not installed \(pip install "medseg\[openvino\]"\)'):
+    with pytest.raises(
+        MedSegError, match=r'not installed \(pip install openvino; in Slicer: slicer\.util\.pip_install\("openvino"\)\)'
+    ):
         sliding_window_probabilities(
             unet(), volume, settings, device=CPU, options=InferenceOptions("fp32", backend="openvino")
         )

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slicer
 
 from MedSegLib.batch import SUMMARY_FILE, findCases  # noqa: E402
 from MedSegLib.segmentationio import readSegNrrd  # noqa: E402
+from MedSegLib.selftest import sampleFile  # noqa: E402
 
 BATCH_SCRIPT = Path(__file__).resolve().parents[2] / "MedSegExtension" / "MedSegLib" / "batch.py"
 CASES = ("hippocampus_003", "hippocampus_004", "hippocampus_006")
@@ -80,6 +81,26 @@ def test_batch_with_a_bad_folder_or_model_says_so(tmp_path):
     (tmp_path / "in" / "IMG0001.dcm").write_bytes(b"")  # loose DICOM files, not a series folder: no case
     empty = run_batch("--input", tmp_path / "in", "--output", tmp_path / "out", "--device", "cpu", cwd=tmp_path)
     assert empty.returncode == 2 and "no images in" in empty.stderr and "DICOM series folders" in empty.stderr
+
+
+def test_batch_without_the_engine_packages_names_them_and_installs_nothing(tmp_path):
+    """As in a Slicer without torch and MONAI: one line saying what is missing and how to install it, exit status 2."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(sampleFile(), tmp_path / "in")  # a real case: the batch would otherwise go on to the engine
+    script = f"""
+import runpy, sys
+for name in ("torch", "monai"):
+    sys.modules[name] = None  # what find_spec and import see where a package is not installed
+sys.argv = [{str(BATCH_SCRIPT)!r}, "--input", {str(tmp_path / "in")!r}, "--output", {str(tmp_path / "out")!r}]
+runpy.run_path({str(BATCH_SCRIPT)!r}, run_name="__main__")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "torch>=2.8, monai>=1.4" in done.stderr and 'pip install "torch>=2.8" "monai>=1.4"' in done.stderr
+    assert "Nothing was installed" in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_the_output_folder_inside_the_input_is_no_case_and_shared_case_names_are_reported(tmp_path):

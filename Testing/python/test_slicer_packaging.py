@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -218,7 +220,7 @@ def test_missing_dependencies_are_found_and_installed_without_touching_slicers_o
     assert [r.module for r in missing] == ["torch", "monai", "einops", "maxflow", "isal"]
 
     def version(name: str) -> str:
-        if name == "vtk":  # inside Slicer VTK is not a pip distribution
+        if name in ("vtk", "torch"):  # inside Slicer VTK is not a pip distribution; torch is missing here
             raise dependencies.importlib.metadata.PackageNotFoundError(name)
         return {"numpy": "1.26.4", "SimpleITK": "2.3.1"}[name]
 
@@ -229,6 +231,69 @@ def test_missing_dependencies_are_found_and_installed_without_touching_slicers_o
     arguments = dependencies.pipArguments(missing[1:], constraints)
     assert arguments == ["monai>=1.4", "einops", "PyMaxflow", "isal", "--constraint", str(constraints)]
     assert not any(a.split("=")[0].split(">")[0] in ("numpy", "SimpleITK", "vtk") for a in arguments)
+
+
+def test_an_installed_torch_is_pinned_and_one_too_old_is_reported_not_upgraded(tmp_path):
+    """MONAI 1.6 needs torch>=2.8: unpinned, installing it would pull PyPI's newest torch over the chosen build."""
+    installed = {"numpy": "1.26.4", "SimpleITK": "2.3.1", "torch": "2.4.1+cu121"}
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise dependencies.importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    constraints = dependencies.writeConstraints(tmp_path / "c.txt", dependencies.installedVersions(version=version))
+    assert "torch==2.4.1+cu121\n" in constraints.read_text(encoding="utf-8")
+    message = dependencies.outdatedTorch(version=version)
+    assert message and "torch 2.4.1+cu121 is installed" in message and "torch>=2.8" in message
+    for new_enough in ("2.8.0", "2.13.0+cpu", "3.0.0"):
+        installed["torch"] = new_enough
+        assert dependencies.outdatedTorch(version=version) is None
+    del installed["torch"]
+    assert dependencies.outdatedTorch(version=version) is None  # absent: installed by the PyTorch extension
+    assert "torch" not in dependencies.installedVersions(version=version)
+
+
+def test_the_torch_floor_is_the_same_in_pyproject_and_in_slicer():
+    declared = re.findall(r'"torch(>=[0-9.]+)"', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    slicer_requirement = next(r.requirement for r in dependencies.ENGINE_REQUIREMENTS if r.module == "torch")
+    assert declared == [">=2.8"] and slicer_requirement == "torch>=2.8"
+
+
+def make_dry_run(*arguments: str) -> str:
+    """What ``make`` would run (``-n``: nothing is run), also under ``make test`` (no sub-make flags, no banners)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    command = ["make", "-n", "--no-print-directory", *arguments]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return "\n".join(" ".join(line.split()) for line in done.stdout.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_makefile_installs_torch_alone_from_torch_index_and_cleans_only_its_own_environment(tmp_path):
+    env = tmp_path / "env"  # an environment of the user's: never the default .venv
+    default = make_dry_run("setup", f"VENV={env}")
+    assert "index-url" not in default and '-m pip install --quiet "torch==2.13.0"' in default
+    index = "https://download.pytorch.org/whl/cpu"
+    indexed = make_dry_run("setup", f"VENV={env}", f"TORCH_INDEX={index}").splitlines()
+    assert [line for line in indexed if "index-url" in line] == [
+        next(line for line in indexed if '"torch==2.13.0"' in line)
+    ]
+    assert f'--index-url "{index}" "torch==2.13.0"' in "\n".join(indexed)
+    clean = make_dry_run("clean", f"VENV={env}")
+    assert "rm -rf .venv " in clean and f"rm -rf {env}" not in clean
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
+    assert [target for target in phony if not re.search(rf"^{target}:", makefile, re.M)] == []
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_hippocampus_reproduces_the_bundled_model_under_runs_not_into_resources():
+    command = make_dry_run("train-hippocampus", "VENV=/nonexistent-env").strip().splitlines()[-1]
+    card = read_card(REPO / "Resources" / "Models" / "hippocampus-mri")
+    made_by = card.training["command"].removesuffix(" (fold 0)").removeprefix("python ")
+    assert made_by in command and command.endswith("--tta --ship --weights int8") and "Resources" not in command
+    config = json.loads((REPO / "training" / "configs" / "hippocampus-dynunet-cpu.json").read_text(encoding="utf-8"))
+    assert config["output"].startswith("runs/") and config["card"]["version"] == card.version
 
 
 def test_nothing_missing_in_this_environment():

@@ -6,10 +6,13 @@ cannot: a wrong attribute, a broken Apply/Cancel/Refine flow, an error that does
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import logging
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +187,35 @@ def test_the_modules_own_self_test_runs(module):
     test = medseg.MedSegTest()
     test.runTest()  # segments the bundled sample twice, checks names, volumes and the in-place update
     assert module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+def test_the_self_test_is_skipped_with_a_message_where_the_engine_packages_are_missing(module, monkeypatch, caplog):
+    # the Extensions factory runs MedSegTest (ctest) without torch or MONAI: a skip that says why, not a failure
+    medseg = module.module
+    missing = [medseg.dependencies.Requirement("monai", "monai>=1.4")]
+    monkeypatch.setattr(medseg.dependencies, "missingRequirements", lambda: missing)
+    with caplog.at_level(logging.WARNING):
+        medseg.MedSegTest().runTest()
+    assert "MedSegTest skipped" in caplog.text and "monai>=1.4" in caplog.text
+    assert module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_installing_missing_packages_pins_the_installed_torch_and_refuses_one_too_old(module, monkeypatch, tmp_path):
+    medseg = module.module
+    dependencies = medseg.dependencies
+    installs = []
+    monkeypatch.setattr(slicer.util, "pip_install", installs.append, raising=False)
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path))
+    monai = dependencies.Requirement("monai", "monai>=1.4")
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda: [] if installs else [monai])
+    assert medseg.ensureDependencies()
+    arguments = installs[0]
+    assert arguments[0] == "monai>=1.4" and arguments[1] == "--constraint"
+    pins = Path(arguments[2]).read_text(encoding="utf-8").splitlines()
+    assert f"torch=={importlib.metadata.version('torch')}" in pins  # MONAI cannot pull another torch over it
+
+    installs.clear()
+    monkeypatch.setattr(dependencies, "outdatedTorch", lambda: "torch 2.4.1 is installed, but MedSeg needs torch>=2.8")
+    with pytest.raises(RuntimeError, match=r"torch 2\.4\.1 is installed, but MedSeg needs torch>=2\.8"):
+        medseg.ensureDependencies()
+    assert installs == []  # nothing installed: no older MONAI settled for, no torch replaced

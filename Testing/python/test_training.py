@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -757,6 +758,18 @@ def test_shipped_configs_load_and_say_how_long_they_take(name):
     assert config.card["labels"][0]["name"] == "Anterior hippocampus"
 
 
+@pytest.mark.parametrize("name", ["hippocampus.json", "hippocampus-nnunet.json", "hippocampus-dynunet-cpu.json"])
+def test_shipped_configs_write_under_runs_never_into_the_bundled_models(name):
+    """Training (and crossval's folds, splits and --ship, all beside ``output``) must not replace a bundled model."""
+    from pathlib import Path
+
+    from conftest import REPO
+
+    config = load_config(REPO / "training" / "configs" / name)
+    for path in (Path(config.output), config.run_path, config.splits_path):
+        assert not path.is_absolute() and path.parts[0] == "runs", (name, path)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_brats_two_channel_case_folders_train_end_to_end(tmp_path, shared_data):
@@ -1032,6 +1045,8 @@ def test_the_command_reports_a_failed_export_without_a_traceback(tmp_path, capsy
     dataset = make_dataset(tmp_path / "toy")
     path = write_config(tmp_path, dataset, epochs=1, export=["onnx"])
     monkeypatch.setitem(export.PARITY, "onnx", -1.0)  # the one stand-in: no ONNX model can pass this
+    # an earlier test's main() left logging's handler on its own captured stderr, closed since: start afresh
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     assert main([str(path)]) == 2
     error = capsys.readouterr().err
     assert "medseg-train: error: onnx export of" in error and "Traceback" not in error
