@@ -200,13 +200,16 @@ def removeNodesAddedSince(scene, existing: set[str]) -> None:
         scene.RemoveNode(node)
 
 
-def writeSegNrrd(labelmap: sitk.Image, card, path: str | os.PathLike[str]) -> Path:
-    """Write a labelmap as a Slicer ``.seg.nrrd`` with the card's segments, atomically (temp name, rename)."""
+def writeSegNrrd(labelmap: sitk.Image, card, path: str | os.PathLike[str], *, nameSuffix: str = "") -> Path:
+    """Write a labelmap as a Slicer ``.seg.nrrd`` with the card's segments, atomically (temp name, rename).
+
+    Each segment is named after its label, plus ``nameSuffix`` (`` (preview)`` for a fast preview).
+    """
     path = Path(path)
     scene = slicer.vtkMRMLScene()
     segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", path.name.removesuffix(".seg.nrrd"))
     segmentationNode.CreateDefaultDisplayNodes()
-    updateSegmentationFromLabelmap(scene, segmentationNode, labelmap, card.labels)
+    updateSegmentationFromLabelmap(scene, segmentationNode, labelmap, card.labels, nameSuffix=nameSuffix)
     with atomic_output(path) as tmpPath:
         storage = slicer.vtkMRMLSegmentationStorageNode()
         scene.AddNode(storage)

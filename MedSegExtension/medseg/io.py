@@ -33,6 +33,14 @@ WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: Relative tolerance when comparing the grids of several input channels.
 GRID_TOLERANCE = 1e-4
 
+#: How a preview (:meth:`medseg.segmenter.Segmenter.segment` with ``preview``) written to a file says so: NRRD and
+#: MetaImage carry the key ``MedSeg_preview`` = ``1`` and the note; NIfTI has no free keys and carries the note in
+#: its ``descrip`` field (which ITK writes from ``ITK_FileNotes``); a ``.seg.nrrd``'s segment names end in the suffix.
+PREVIEW_KEY = "MedSeg_preview"
+PREVIEW_NOTE = "MedSeg preview: not for measurement"
+PREVIEW_NAME_SUFFIX = " (preview)"
+FILE_NOTES_KEY = "ITK_FileNotes"
+
 
 def image_suffix(path: str | Path) -> str:
     """The image-format suffix of ``path``, with ``.nii.gz`` and ``.seg.nrrd`` kept whole, lower-cased."""
@@ -443,17 +451,24 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def write_image(
-    image: sitk.Image, path: str | Path, *, compress: bool = True, orientation: NiftiOrientation | None = None
+    image: sitk.Image,
+    path: str | Path,
+    *,
+    compress: bool = True,
+    orientation: NiftiOrientation | None = None,
+    preview: bool = False,
 ) -> Path:
     """Write ``image`` atomically (see :func:`atomic_output`).
 
     ``orientation``: a NIfTI input's (:func:`read_nifti_orientation`), carried into a ``.nii``/``.nii.gz`` output
-    when ``image`` lies on that input's grid.
+    when ``image`` lies on that input's grid. ``preview``: mark the file as a preview (:data:`PREVIEW_KEY`,
+    :data:`PREVIEW_NOTE`); ``image`` itself is left as it was.
     """
     path = check_output_path(path)
     suffix = image_suffix(path)
     fields = orientation.fields if orientation is not None and orientation.fits(image) else None
-    with atomic_output(path) as tmp:
+    marks = {PREVIEW_KEY: "1", FILE_NOTES_KEY: PREVIEW_NOTE} if preview else {}
+    with atomic_output(path) as tmp, _metadata(image, marks):
         if compress and suffix in gzipio.COMPRESSED_SUFFIXES:
             gzipio.write_compressed(image, tmp, suffix, nifti_orientation=fields)  # compressed on every core
         else:
@@ -461,3 +476,19 @@ def write_image(
             if fields is not None and suffix == ".nii":
                 gzipio.patch_nifti_orientation(tmp, fields)
     return path
+
+
+@contextmanager
+def _metadata(image: sitk.Image, entries: dict[str, str]) -> Iterator[sitk.Image]:
+    """``image`` with ``entries`` in its metadata for the block, then as it was (no copy of its voxels)."""
+    earlier = {key: image.GetMetaData(key) for key in entries if image.HasMetaDataKey(key)}
+    for key, value in entries.items():
+        image.SetMetaData(key, value)
+    try:
+        yield image
+    finally:
+        for key in entries:
+            if key in earlier:
+                image.SetMetaData(key, earlier[key])
+            else:
+                image.EraseMetaData(key)

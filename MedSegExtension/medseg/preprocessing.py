@@ -50,7 +50,23 @@ class IndexBox:
         stop = np.array(self.start) + self.size
         return bool(np.all(np.array(self.size) > 0) and np.all(stop > 0) and np.all(np.array(self.start) < size))
 
+    def overlap_problem(self, size: Sequence[int]) -> str | None:
+        """Why no voxel of the box lies on a grid of ``size`` (x, y, z); None when one does."""
+        if self.overlaps(size):
+            return None
+        first, last = self.start, tuple(a + n - 1 for a, n in zip(self.start, self.size))
+        volume = "x".join(str(n) for n in size)
+        return f"the region of interest (voxels {first} to {last}) lies outside the {volume} volume"
+
     def clip_to(self, size: Sequence[int]) -> IndexBox:
+        """The part of the box on a grid of ``size`` (x, y, z).
+
+        Raises:
+            InputImageError: no voxel of the box lies on the grid (clipped, it would be a one-voxel slab at its edge).
+        """
+        problem = self.overlap_problem(size)
+        if problem:
+            raise InputImageError(None, problem)
         start = np.clip(self.start, 0, np.array(size) - 1)
         stop = np.clip(np.array(self.start) + self.size, start + 1, size)
         return IndexBox(tuple(int(v) for v in start), tuple(int(v) for v in stop - start))
@@ -289,8 +305,9 @@ def normalize_intensity(array: np.ndarray, spec: Normalization, *, out: np.ndarr
     """Per-image intensity normalisation of one channel, as the model card says (float32 out).
 
     ``zscore`` uses the mean and standard deviation of the (percentile-clipped) voxels, so images whose
-    intensity scales differ by orders of magnitude land on one scale. With ``out`` (float32, the array's shape)
-    the result is written there; ``range`` then needs no other array.
+    intensity scales differ by orders of magnitude land on one scale. With ``nonzero`` only the voxels that are
+    not 0 in the input count, and those stay 0 (a skull-stripped MRI's background), whatever the clipping. With
+    ``out`` (float32, the array's shape) the result is written there; ``range`` then needs no other array.
     """
     array = array.astype(np.float32, copy=False)
     if out is None:
@@ -303,7 +320,10 @@ def normalize_intensity(array: np.ndarray, spec: Normalization, *, out: np.ndarr
         out -= spec.a_min
         out /= max(spec.a_max - spec.a_min, 1e-6)
         return out
-    sample = array[array != 0] if spec.nonzero else array.ravel()
+    # the voxels that count, taken before clipping: clipping lifts a skull-stripped image's zeros to the low
+    # percentile, and a mask taken after it would normalise the background too
+    inside = array != 0 if spec.nonzero else None
+    sample = array[inside] if inside is not None else array.ravel()
     if sample.size == 0:
         sample = array.ravel()
     if spec.clip_percentiles is not None:
@@ -313,8 +333,8 @@ def normalize_intensity(array: np.ndarray, spec: Normalization, *, out: np.ndarr
     mean = float(sample.mean())
     std = float(sample.std())
     result = (array - mean) / max(std, 1e-6)
-    if spec.nonzero:
-        result = np.where(array != 0, result, 0.0)
+    if inside is not None:
+        result = np.where(inside, result, 0.0)
     out[...] = result
     return out
 

@@ -154,8 +154,10 @@ class Segmenter:
         """Segment one case given as images (one per channel, on one grid).
 
         Args:
-            images: the channels in the card's order; a single image for single-channel models.
-            roi: restrict the work to this box of the input grid; outside it the result is background.
+            images: the channels in the card's order, on one grid (refused otherwise); a single image for
+                single-channel models.
+            roi: restrict the work to this box of the input grid; outside it the result is background. A box with
+                no voxel on the grid is refused.
             keep_largest: keep only the largest connected component of each label.
             refine: refine the labels by graph cut (:mod:`medseg.graphcut`) on the first channel's intensities.
             with_probabilities: also return the per-class probabilities on the input grid.
@@ -178,6 +180,15 @@ class Segmenter:
         self.check_channels(images)
         for index in range(len(images)):
             io.validate_volume(images[index])
+        names = [channel.name for channel in self.card.channels]
+        for name, image in zip(names[1:], images[1:]):  # read_channels checks files; images given here, too
+            problem = io.grid_mismatch(images[0], image)
+            if problem:
+                raise InputImageError(
+                    None, f"channel {name}: its voxel grid differs from channel {names[0]}'s: {problem}"
+                )
+        if roi is not None:
+            check_roi_overlaps(roi, images[0].GetSize())
         control = control or RunControl(progress=progress)
         seconds: dict[str, float] = {}
         start = time.perf_counter()
@@ -281,6 +292,8 @@ class Segmenter:
         ``.seg.nrrd`` writes a Slicer segmentation with the card's names, colours and terminology (needs
         ``slicer-core``). Outputs are checked before the work starts and written only when it succeeded.
         ``roi`` is a voxel box of the input grid or a physical (LPS mm) box; outside it the result is background.
+        A ``preview`` says so in its files: a ``.seg.nrrd``'s segment names end in " (preview)", the other formats
+        carry the marks of :func:`medseg.io.write_image` (NIfTI in its ``descrip`` field).
         """
         output = Path(output)
         is_seg_nrrd = io.image_suffix(output) == ".seg.nrrd"
@@ -301,12 +314,8 @@ class Segmenter:
                 roi = roi.to_index_box(images[0])
             except InputImageError as error:  # the box knows the image, not its file
                 raise InputImageError(inputs[0], error.problem) from None
-        if roi is not None and not roi.overlaps(images[0].GetSize()):
-            first, last = roi.start, tuple(a + n - 1 for a, n in zip(roi.start, roi.size))
-            size = "x".join(str(n) for n in images[0].GetSize())
-            raise InputImageError(
-                inputs[0], f"the region of interest (voxels {first} to {last}) lies outside the {size} volume"
-            )
+        if roi is not None:
+            check_roi_overlaps(roi, images[0].GetSize(), inputs[0])
         handover, images = _Handover(images), None  # segment() drops them after preprocessing, before the network
         result = self.segment(
             handover,
@@ -324,14 +333,26 @@ class Segmenter:
         # probability map would look like a result, and a deleted old one would be a loss
         with io.outputs_together():
             if probabilities is not None and result.probabilities is not None:
-                io.write_image(result.probabilities, probabilities, orientation=orientation)
-            if is_seg_nrrd:
-                writer(result.labelmap, self.card, output)
+                io.write_image(result.probabilities, probabilities, orientation=orientation, preview=result.preview)
+            if is_seg_nrrd:  # a preview's segments say so in their names, as in the Slicer module
+                writer(result.labelmap, self.card, output, nameSuffix=io.PREVIEW_NAME_SUFFIX if result.preview else "")
             else:
-                io.write_image(result.labelmap, output, orientation=orientation)
+                io.write_image(result.labelmap, output, orientation=orientation, preview=result.preview)
         result.seconds["writing"] = time.perf_counter() - start
         control.report("writing", 1.0)
         return result
+
+
+def check_roi_overlaps(roi: IndexBox, size: Sequence[int], path: str | Path | None = None) -> None:
+    """Refuse a region of interest with no voxel on a grid of ``size`` (x, y, z): clipped to the volume, it would
+    become a one-voxel slab at its edge and a result that looks like one.
+
+    Raises:
+        InputImageError: naming ``path`` (the first channel's file) where given.
+    """
+    problem = roi.overlap_problem(size)
+    if problem:
+        raise InputImageError(path, problem)
 
 
 class _Handover:

@@ -266,3 +266,21 @@ def test_atomic_output_turns_writer_failures_into_one_named_error(tmp_path):
     with io.atomic_output(target) as tmp:
         tmp.write_bytes(b"whole")
     assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["result.seg.nrrd"]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_write_image_marks_a_preview_and_leaves_the_image_as_it_was(tmp_path, blob_image, suffix):
+    image = sitk.Image(blob_image)
+    image.SetMetaData("ITK_FileNotes", "an earlier note")
+    path = io.write_image(image, tmp_path / f"preview{suffix}", preview=True)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if suffix == ".nii.gz":  # NIfTI's descrip field, 80 bytes at offset 148 of the header
+        with gzip.open(path, "rb") as handle:
+            assert handle.read(348)[148:228].rstrip(b"\0").decode() == io.PREVIEW_NOTE
+    else:
+        assert reader.GetMetaData(io.PREVIEW_KEY) == "1"
+    assert image.GetMetaData("ITK_FileNotes") == "an earlier note" and not image.HasMetaDataKey(io.PREVIEW_KEY)
+    assert [p.name for p in tmp_path.iterdir()] == [f"preview{suffix}"], "no temporary file may remain"
+    np.testing.assert_allclose(sitk.GetArrayFromImage(io.read_image(path)), sitk.GetArrayFromImage(image), atol=1e-3)

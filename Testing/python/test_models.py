@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,9 +254,218 @@ def test_every_allow_listed_architecture_builds_from_a_card(tmp_path, architectu
     from medseg.models.architectures import ARCHITECTURES
 
     assert architecture in ARCHITECTURES
-    folder = write_model_folder(tmp_path / architecture, network={"architecture": architecture, "kwargs": kwargs})
+    size = {"BasicUNet": 32, "SwinUNETR": 64}.get(architecture, 16)  # deep encoders need room
+    folder = write_model_folder(
+        tmp_path / architecture,
+        network={"architecture": architecture, "kwargs": kwargs},
+        inference={"roi_size": [size] * 3, "overlap": 0.25},
+    )
     network = load_model_folder(folder).network
     with torch.inference_mode():
-        size = {"BasicUNet": 32, "SwinUNETR": 64}.get(architecture, 16)  # deep encoders need room
         out = network(torch.randn(1, 1, size, size, size))
     assert out.shape[:2] == (1, 3)
+
+
+PERCENTILES = r"'preprocessing\.normalization\.clip_percentiles' must be \[low, high\] with 0 <= low < high <= 100"
+
+
+@pytest.mark.parametrize(
+    ("normalization", "message"),
+    [
+        ({"method": "range", "a_min": 400, "a_max": -1000}, r"'preprocessing\.normalization\.a_max' must be greater"),
+        ({"method": "range", "a_min": 100, "a_max": 100}, r"'preprocessing\.normalization\.a_max' must be greater"),
+        ({"method": "zscore", "clip_percentiles": [1, 101]}, PERCENTILES),
+        ({"method": "zscore", "clip_percentiles": [99.5, 0.5]}, PERCENTILES),
+        ({"method": "zscore", "clip_percentiles": [-1, 99]}, PERCENTILES),
+    ],
+)
+def test_normalisation_bounds_that_cannot_work_are_refused_naming_the_field(tiny_model, normalization, message):
+    edit_card(tiny_model, lambda d: d["preprocessing"].update(normalization=normalization))
+    with pytest.raises(ModelCardError, match=rf"model\.json: field {message}"):
+        load_model_folder(tiny_model)
+
+
+@pytest.mark.parametrize("code", ["RRS", "LRS", "RAA", "SIA", "RA"])
+def test_an_orientation_must_name_each_axis_once(tiny_model, code):
+    edit_card(tiny_model, lambda d: d["preprocessing"].update(orientation=code))
+    with pytest.raises(
+        ModelCardError, match=r"'preprocessing\.orientation' must be a code like RAS or LPS \(one of R/L"
+    ):
+        load_model_folder(tiny_model)
+
+
+def test_every_orientation_code_with_each_axis_once_is_accepted():
+    import itertools
+
+    codes = ["".join(c) for p in itertools.permutations(("RL", "AP", "SI")) for c in itertools.product(*p)]
+    assert len(codes) == 48
+    for code in codes + ["las", "Pir"]:
+        card = card_from_dict(card_dict(preprocessing={**card_dict()["preprocessing"], "orientation": code}))
+        assert card.preprocessing.orientation == code.upper()
+
+
+@pytest.mark.parametrize(
+    ("network", "roi", "message"),
+    [
+        ({"architecture": "UNet", "kwargs": {"channels": [4, 8], "strides": [2]}}, [17, 16, 16], r"multiple of"),
+        (
+            {
+                "architecture": "DynUNet",
+                "kwargs": {
+                    "kernel_size": [3] * 3,
+                    "strides": [1, [2, 2, 1], 2],
+                    "upsample_kernel_size": [[2, 2, 1], 2],
+                },
+            },
+            [16, 18, 16],
+            r"DynUNet downsamples by \[4, 4, 2\] .* the nearest larger window that fits is \[16, 20, 16\]",
+        ),
+        (
+            {"architecture": "SegResNet", "kwargs": {"init_filters": 8}},
+            [16, 20, 16],
+            r"SegResNet downsamples by \[8, 8, 8\]",
+        ),
+        (
+            {
+                "architecture": "UNETR",
+                "kwargs": {
+                    "img_size": [32, 32, 32],
+                    "feature_size": 4,
+                    "hidden_size": 48,
+                    "mlp_dim": 96,
+                    "num_heads": 4,
+                },
+            },
+            [16, 16, 16],
+            r"UNETR takes windows of its size only, network\.kwargs\.img_size \[32, 32, 32\]",
+        ),
+        ({"architecture": "SwinUNETR", "kwargs": {"feature_size": 12}}, [96, 96, 48], r"multiple of"),
+        ({"architecture": "SwinUNETR", "kwargs": {"feature_size": 12}}, [32, 32, 32], r"one voxel at its deepest"),
+        ({"architecture": "BasicUNet", "kwargs": {}}, [16, 16, 16], r"one voxel at its deepest"),
+        ({"architecture": "BasicUNet", "kwargs": {}}, [64, 8, 64], r"must be at least that"),
+    ],
+)
+def test_a_window_the_network_cannot_take_is_refused_when_the_card_is_read(tiny_model, network, roi, message):
+    """Refused with the field's name when the card is read, not by a bare RuntimeError in the first window."""
+    edit_card(tiny_model, lambda d: d.update(network=network) or d["inference"].update(roi_size=roi))
+    field = rf"model\.json: field 'inference\.roi_size' is {re.escape(str(roi))}: "
+    with pytest.raises(ModelCardError, match=field + ".*" + message):
+        load_model_folder(tiny_model)
+
+
+def test_windows_the_networks_take_still_load(bundled_model_dir):
+    """The bundled card, and the windows the tests, benchmarks and training configs use, with their networks."""
+    import sys
+
+    from medseg.models.card import read_card
+
+    sys.path.insert(0, str(bundled_model_dir.parents[2] / "benchmarks"))
+    from inference import UNTRAINED  # benchmarks/inference.py: the untrained models at 96^3 and 128^3
+
+    assert read_card(bundled_model_dir).inference.roi_size == (40, 56, 40)
+    for architecture, kwargs in UNTRAINED.values():
+        for roi in ([96] * 3, [128] * 3):
+            card_from_dict(
+                card_dict(network={"architecture": architecture, "kwargs": kwargs}, inference={"roi_size": roi})
+            )
+    for config in sorted((bundled_model_dir.parents[2] / "training" / "configs").glob("*.json")):
+        card = json.loads(config.read_text())["card"]
+        card.setdefault("format_version", 1)
+        card["weights"] = {"sha256": "0" * 64}
+        card_from_dict(card, config)
+    for roi, kwargs in (
+        ([16, 16, 16], {"channels": [4, 8], "strides": [2]}),
+        ([20, 16, 12], {"channels": [4, 8], "strides": [2]}),
+    ):
+        card_from_dict(card_dict(network={"architecture": "UNet", "kwargs": kwargs}, inference={"roi_size": roi}))
+    for architecture in ("DeepLab3D", "FCN3D"):  # they interpolate back to the input's size from any window
+        card_from_dict(
+            card_dict(network={"architecture": architecture, "kwargs": {}}, inference={"roi_size": [17, 9, 23]})
+        )
+
+
+def test_reading_a_card_imports_no_torch(bundled_model_dir):
+    """The Slicer module lists models before torch is installed; the window check must not need it."""
+    import subprocess
+    import sys
+
+    code = f"import sys; from medseg.models import read_card; read_card(r'{bundled_model_dir}'); "
+    code += "print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False"]
+
+
+def _only_root(monkeypatch, *roots):
+    monkeypatch.setenv("MEDSEG_MODEL_PATH", os.pathsep.join(str(r) for r in roots))
+    monkeypatch.setenv("MEDSEG_HOME", str(roots[0].parent / "home"))
+
+
+def test_a_folder_in_the_working_directory_does_not_shadow_a_model_id(monkeypatch, tmp_path, bundled_model_dir):
+    """``medseg segment ... -m hippocampus-mri`` run where an earlier output folder has that name."""
+    monkeypatch.delenv("MEDSEG_MODEL_PATH", raising=False)
+    monkeypatch.setenv("MEDSEG_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hippocampus-mri").mkdir()
+    (tmp_path / "hippocampus-mri" / "case_001.nii.gz").write_bytes(b"an earlier result")
+    assert find_model_folder("hippocampus-mri").resolve() == bundled_model_dir.resolve()
+    # a path says so: a separator, a leading "." or "~", or a folder that holds a card
+    assert find_model_folder("./hippocampus-mri") == Path("hippocampus-mri")
+    assert find_model_folder(f"hippocampus-mri{os.sep}") == Path("hippocampus-mri")
+    write_model_folder(tmp_path / "my-model")
+    assert find_model_folder("my-model") == Path("my-model")
+    with pytest.raises(ModelNotFoundError, match=r"model folder \./elsewhere does not exist"):
+        find_model_folder("./elsewhere")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert find_model_folder("~/my-model") == tmp_path / "my-model"
+
+
+def test_two_folders_giving_one_id_in_one_search_folder_are_refused_naming_both(monkeypatch, tmp_path):
+    root = tmp_path / "models"
+    write_model_folder(root / "a-model", id="twice", version="1.0")
+    write_model_folder(root / "b-model", id="twice", version="2.0")
+    write_model_folder(root / "c-model", id="once")
+    _only_root(monkeypatch, root)
+    with pytest.raises(
+        ModelCardError, match=r"b-model.model\.json: field 'id' is 'twice', like .*a-model.model\.json; two"
+    ):
+        find_model_folder("twice")
+    assert find_model_folder("once") == root / "c-model", "the other ids of that folder are unaffected"
+    # the same id in two search folders is the search order at work: the first wins
+    other = tmp_path / "other"
+    write_model_folder(other / "z-model", id="once", version="9.9")
+    _only_root(monkeypatch, other, root)
+    assert find_model_folder("once") == other / "z-model"
+
+
+def test_a_broken_card_named_after_the_id_is_reported_not_passed_over(monkeypatch, tmp_path):
+    """A newer model with a damaged card must not be silently replaced by an older one further down the path."""
+    newer, older = tmp_path / "newer", tmp_path / "older"
+    write_model_folder(older / "tiny-test", version="1.0")
+    broken = write_model_folder(newer / "tiny-test", version="2.0")
+    edit_card(broken, lambda d: d.pop("labels"))
+    _only_root(monkeypatch, newer, older)
+    with pytest.raises(ModelCardError, match=r"newer.tiny-test.model\.json: missing field 'labels'"):
+        find_model_folder("tiny-test")
+    (newer / "tiny-test").rename(newer / "something-else")  # a broken card elsewhere says nothing about this id
+    assert find_model_folder("tiny-test") == older / "tiny-test"
+
+
+def test_an_unreadable_card_is_one_broken_entry_not_a_failure_of_every_lookup(monkeypatch, tmp_path, bundled_model_dir):
+    root = tmp_path / "models"
+    card = write_model_folder(root / "locked") / "model.json"
+    card.chmod(0)
+    if os.access(card, os.R_OK):  # root reads any file: take a real file that cannot be read by anyone
+        if not Path("/proc/self/clear_refs").is_file():
+            pytest.skip("needs an unreadable file: run as another user than root, or on Linux")
+        card.unlink()
+        card.symlink_to("/proc/self/clear_refs")
+    _only_root(monkeypatch, root)
+    try:
+        with pytest.raises(ModelCardError, match=r"locked.model\.json: cannot be read \("):
+            load_model_folder(root / "locked")
+        entries = {e.folder.name: e for e in list_models()}
+        assert entries["locked"].card is None and "cannot be read" in entries["locked"].problem
+        assert find_model_folder("hippocampus-mri").resolve() == bundled_model_dir.resolve()
+    finally:
+        if not card.is_symlink():
+            card.chmod(0o644)

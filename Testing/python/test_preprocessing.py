@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import DIRECTIONS, physical_points_of_label, with_direction
+from medseg.errors import InputImageError
 from medseg.models.card import Normalization, Preprocessing
 from medseg.postprocessing import restore_labels, restore_probabilities
 from medseg.preprocessing import (
@@ -288,3 +289,34 @@ def test_the_grid_border_takes_the_edge_values_not_zero(direction):
     assert restore_argmax_on(probabilities, record, torch.device("cpu")).min() == 1
     label = sitk.Cast(image > 0, sitk.sitkUInt8)  # foreground everywhere: so on the network grid too
     assert label_to_network_grid(label, record).min() == 1
+
+
+def test_zscore_of_non_zero_voxels_keeps_a_skull_stripped_background_at_zero():
+    """Every voxel of a skull-stripped brain is above 0: clipping lifts the background's zeros to the low
+    percentile, and the mask of voxels that count must be the input's, not the clipped array's."""
+    rng = np.random.default_rng(3)
+    brain = np.zeros((24, 20, 16), np.float32)
+    brain[4:20, 3:17, 2:14] = rng.gamma(4.0, 60.0, (16, 14, 12)) + 1.0
+    spec = Normalization(method="zscore", clip_percentiles=(0.5, 99.5), nonzero=True)
+    out = normalize_intensity(brain, spec)
+    inside = brain != 0
+    assert np.all(out[~inside] == 0.0), f"background became {np.unique(out[~inside])[:3]}"
+    low, high = np.percentile(brain[inside], spec.clip_percentiles)
+    sample = np.clip(brain[inside], low, high)
+    np.testing.assert_allclose(out[inside], (sample - sample.mean()) / sample.std(), rtol=1e-5, atol=1e-5)
+    # without ``nonzero`` (the bundled model's) every voxel counts, the background too, as before
+    everywhere = Normalization(method="zscore", clip_percentiles=(0.5, 99.5), nonzero=False)
+    clipped = np.clip(brain, *np.percentile(brain, everywhere.clip_percentiles))
+    expected = ((clipped - float(clipped.mean())) / float(clipped.std())).astype(np.float32)
+    np.testing.assert_array_equal(normalize_intensity(brain, everywhere), expected)
+
+
+def test_a_roi_outside_the_volume_is_refused_not_clipped_to_an_edge_slab():
+    image, _ = labelled_volume(DIRECTIONS["LPS"])
+    spec = Preprocessing(orientation=None, spacing=None, normalization=Normalization(method="none"))
+    size = "x".join(str(n) for n in image.GetSize())
+    for box in (IndexBox(start=(40, 0, 0), size=(5, 5, 5)), IndexBox(start=(-9, 2, 2), size=(4, 3, 3))):
+        with pytest.raises(InputImageError, match=rf"region of interest .* lies outside the {size} volume"):
+            preprocess([image], spec, roi=box)
+    volume, _ = preprocess([image], spec, roi=IndexBox(start=(-9, 2, 2), size=(10, 3, 3)))  # one column inside
+    assert volume.shape[1:] == (1, 3, 3)

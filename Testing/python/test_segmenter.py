@@ -369,3 +369,80 @@ def _cpu_inference(module):
         return real(*args, **kwargs)
 
     return on_cpu
+
+
+def file_metadata(path) -> dict[str, str]:
+    """The metadata ITK reads from a file's header."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_a_preview_written_to_a_file_says_so_and_a_full_run_does_not(tmp_path, blob_image, suffix):
+    source = io.write_image(blob_image, tmp_path / "scan.nii.gz")  # a NIfTI input: its qform goes to NIfTI outputs
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    preview = segmenter.segment_files(
+        [source], tmp_path / f"preview{suffix}", probabilities=tmp_path / f"preview-maps{suffix}", preview=True
+    )
+    segmenter.segment_files([source], tmp_path / f"full{suffix}", probabilities=tmp_path / f"full-maps{suffix}")
+    # NIfTI has no free keys: the note goes in its 80-character descrip field
+    key, value = ("descrip", io.PREVIEW_NOTE) if suffix.startswith(".nii") else (io.PREVIEW_KEY, "1")
+    for name in ("preview", "preview-maps"):
+        assert file_metadata(tmp_path / f"{name}{suffix}").get(key) == value, name
+    for name in ("full", "full-maps"):
+        assert not file_metadata(tmp_path / f"{name}{suffix}").get(key), name
+    assert not preview.labelmap.HasMetaDataKey(io.PREVIEW_KEY), "the result in memory is left as it was"
+    written = io.read_image(tmp_path / f"preview{suffix}")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(preview.labelmap))
+    assert written.GetOrigin() == pytest.approx(blob_image.GetOrigin(), abs=1e-4)
+
+
+@pytest.mark.slicer
+def test_a_preview_written_as_seg_nrrd_names_its_segments_so(tmp_path, blob_image):
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    from MedSegLib.segmentationio import readSegNrrd
+
+    source = io.write_image(blob_image, tmp_path / "scan.nrrd")
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    segmenter.segment_files([source], tmp_path / "preview.seg.nrrd", preview=True)
+    segmenter.segment_files([source], tmp_path / "full.seg.nrrd")
+    preview, _ = readSegNrrd(tmp_path / "preview.seg.nrrd")
+    full, _ = readSegNrrd(tmp_path / "full.seg.nrrd")
+    assert [s.name for s in preview] == ["Bright (preview)", "Other (preview)"]
+    assert [s.name for s in full] == ["Bright", "Other"]
+
+
+def _two_channel_segmenter(tmp_path) -> Segmenter:
+    from medseg.models.card import Channel
+
+    model = threshold_model(tmp_path)
+    model.card = dataclasses.replace(model.card, channels=(Channel("FLAIR", "MR"), Channel("T1c", "MR")))
+    return Segmenter(model, device="cpu")
+
+
+def test_channels_given_as_images_on_different_grids_are_refused(tmp_path, blob_image):
+    """segment_files checks the files' grids when it reads them; images given to segment() are checked too."""
+    segmenter = _two_channel_segmenter(tmp_path)
+    moved = sitk.Image(blob_image)
+    moved.SetOrigin((14.0, -30.0, 7.5))  # the same voxels 2 mm along x: the labels would land off the FLAIR's
+    with pytest.raises(InputImageError, match=r"channel T1c: its voxel grid differs from channel FLAIR's: origin"):
+        segmenter.segment([blob_image, moved])
+    smaller = sitk.RegionOfInterest(blob_image, (20, 24, 15), (0, 0, 0))
+    with pytest.raises(InputImageError, match=r"channel T1c: its voxel grid differs .*: size \(20, 24, 15\) instead"):
+        segmenter.segment([blob_image, smaller])
+    same = sitk.Image(blob_image) * 0.5 + 1
+    assert segmenter.segment([blob_image, same]).labelmap.GetSize() == blob_image.GetSize()
+
+
+def test_a_roi_outside_the_volume_is_refused_by_segment(tmp_path, blob_image):
+    segmenter = Segmenter(threshold_model(tmp_path), device="cpu")
+    with pytest.raises(
+        InputImageError,
+        match=r"input image: the region of interest \(voxels \(30, 0, 0\) to \(34, 4, 4\)\) lies outside the "
+        r"20x24x16 volume",
+    ):
+        segmenter.segment(blob_image, roi=IndexBox(start=(30, 0, 0), size=(5, 5, 5)))
+    with pytest.raises(InputImageError, match="lies outside"):
+        segmenter.segment(blob_image, roi=IndexBox(start=(0, -8, 0), size=(20, 8, 16)))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelCardError
+from .architectures import window_problem
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
@@ -73,8 +74,8 @@ class Channel:
 class Normalization:
     """Per-image intensity normalisation.
 
-    ``zscore``: clip to the given percentiles of the image (or of its non-zero voxels with ``nonzero``), then
-    subtract the mean and divide by the standard deviation of the clipped voxels. ``range``: clip to
+    ``zscore``: clip to the given percentiles of the image (or of its non-zero voxels with ``nonzero``, which
+    stay 0), then subtract the mean and divide by the standard deviation of the clipped voxels. ``range``: clip to
     ``[a_min, a_max]`` (for CT in HU) and scale linearly to ``[0, 1]``. ``none``: leave as it is.
     """
 
@@ -257,13 +258,28 @@ def _preprocessing(f: _Fields) -> Preprocessing:
         raise ModelCardError(
             f.path, f"field '{n.name('method')}' is 'range' but 'a_min' and 'a_max' are not both given"
         )
+    if method == "range" and not normalization.a_max > normalization.a_min:  # NaN too
+        raise ModelCardError(
+            f.path,
+            f"field '{n.name('a_max')}' must be greater than 'a_min' ({normalization.a_min:g}), "
+            f"got {normalization.a_max:g}",
+        )
+    percentiles = normalization.clip_percentiles
+    if percentiles is not None and not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise ModelCardError(
+            f.path,
+            f"field '{n.name('clip_percentiles')}' must be [low, high] with 0 <= low < high <= 100, "
+            f"got {list(percentiles)}",
+        )
     spacing = f.numbers("spacing", 3, float, None)
     if spacing is not None and min(spacing) <= 0:
         raise ModelCardError(f.path, f"field '{f.name('spacing')}' must be positive, got {list(spacing)}")
     orientation = f.get("orientation", (str, type(None)), "RAS")
-    if orientation is not None and (len(orientation) != 3 or set(orientation.upper()) - set("RLAPSI")):
+    if orientation is not None and not valid_orientation(orientation):
         raise ModelCardError(
-            f.path, f"field '{f.name('orientation')}' must be a code like RAS or LPS, got {orientation!r}"
+            f.path,
+            f"field '{f.name('orientation')}' must be a code like RAS or LPS (one of R/L, one of A/P and one of "
+            f"S/I), got {orientation!r}",
         )
     return Preprocessing(
         orientation=orientation.upper() if orientation else None,
@@ -292,6 +308,11 @@ def _inference(f: _Fields) -> InferenceSettings:
         sw_batch_size=max(1, f.get("sw_batch_size", int, 2)),
         mirror_axes=None if mirror_axes is None else tuple(sorted(mirror_axes)),
     )
+
+
+def valid_orientation(code: str) -> bool:
+    """Whether ``code`` names each anatomical axis once: one letter of R/L, one of A/P and one of S/I."""
+    return len(code) == 3 and all(sum(letter in pair for letter in code.upper()) == 1 for pair in ("RL", "AP", "SI"))
 
 
 def valid_axes(axes) -> bool:
@@ -337,7 +358,7 @@ def card_from_dict(data: Any, path: str | Path = CARD_FILE) -> ModelCard:
         raise ModelCardError(
             path, f"field 'weights.file' must be a file name inside the model folder, got {weights_file!r}"
         )
-    return ModelCard(
+    card = ModelCard(
         id=f.get("id", str),
         version=f.get("version", str),
         name=f.get("name", str),
@@ -356,6 +377,10 @@ def card_from_dict(data: Any, path: str | Path = CARD_FILE) -> ModelCard:
         weights_file=weights_file,
         weights_storage=weights.choice("storage", WEIGHT_STORAGES, "float"),
     )
+    problem = window_problem(card.network.architecture, card.network.kwargs, card.inference.roi_size)
+    if problem:
+        raise ModelCardError(path, f"field 'inference.roi_size' is {list(card.inference.roi_size)}: {problem}")
+    return card
 
 
 def read_card(folder: str | Path) -> ModelCard:
@@ -367,6 +392,8 @@ def read_card(folder: str | Path) -> ModelCard:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelCardError(path, f"not valid JSON ({exc})") from None
+    except OSError as exc:  # unreadable (permissions, a damaged disk): this folder's problem, not every lookup's
+        raise ModelCardError(path, f"cannot be read ({exc.strerror or exc})") from None
     return card_from_dict(data, path)
 
 

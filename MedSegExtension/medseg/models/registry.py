@@ -6,6 +6,10 @@ Search order for a model id (first match wins):
 2. the user's model folder, ``$MEDSEG_HOME/models`` (default ``~/.medseg/models``);
 3. the models bundled with MedSeg (``Resources/Models`` of the source tree or extension, or the installed
    ``medseg_resources`` package).
+
+Within the first folder that has the id, it must be unique: two model folders there whose cards give one id are
+refused, not chosen between, and so is a model folder named after the id whose card is broken (rather than
+falling through to an older model of that id further down).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MedSegError, ModelNotFoundError
+from ..errors import MedSegError, ModelCardError, ModelNotFoundError
 from .card import CARD_FILE, ModelCard, read_card
 
 logger = logging.getLogger(__name__)
@@ -65,14 +69,19 @@ class ModelEntry:
     problem: str | None = None
 
 
+def _model_folders(root: Path) -> list[Path]:
+    """The folders directly under ``root`` that hold a card, by name; none when ``root`` is not a folder."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file())
+
+
 def list_models() -> list[ModelEntry]:
     """Every model folder on the search path, valid or not; an id found twice is listed where it wins."""
     entries: list[ModelEntry] = []
     seen: set[str] = set()
     for source, root in search_paths():
-        if not root.is_dir():
-            continue
-        for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
+        for folder in _model_folders(root):
             try:
                 card = read_card(folder)
             except MedSegError as exc:
@@ -89,23 +98,58 @@ def find_model_folder(model: str | os.PathLike[str] | None) -> Path:
     """Resolve a model id or folder path to a model folder.
 
     Args:
-        model: a model id (``hippocampus-mri``), a path to a model folder, or None for the default model.
+        model: a model id (``hippocampus-mri``), a path to a model folder, or None for the default model. A
+            string is a path when it holds a path separator or starts with ``.`` or ``~``, or when it names a
+            folder that holds a model card; else it is an id, even where a folder of that name (an earlier run's
+            output, say) lies in the current directory.
 
     Raises:
         ModelNotFoundError: no such folder and no model with that id, listing the ids that exist.
+        ModelCardError: the id is given by two model folders in one search folder, or its model folder (named
+            after it) has a broken card.
     """
     model = DEFAULT_MODEL_ID if model is None else model
-    as_path = Path(model)
-    if as_path.is_dir():
-        return as_path
-    if os.sep in str(model) or str(model).startswith("."):
+    text = os.fspath(model)
+    as_path = Path(text).expanduser()
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if isinstance(model, os.PathLike) or any(s in text for s in separators) or text.startswith((".", "~")):
+        if as_path.is_dir():
+            return as_path
         raise ModelNotFoundError(f"model folder {model} does not exist")
-    for entry in list_models():
-        if entry.card is not None and entry.card.id == str(model):
-            return entry.folder
+    if (as_path / CARD_FILE).is_file():
+        return as_path
+    for _, root in search_paths():
+        found = _folder_for_id(root, text)
+        if found is not None:
+            return found
     known = sorted(e.card.id for e in list_models() if e.card is not None)
     searched = ", ".join(str(p) for _, p in search_paths())
     raise ModelNotFoundError(
         f"unknown model {model!r}; available: {', '.join(known) or 'none'} (searched {searched}); "
         "give a model id from 'medseg models' or the path of a model folder"
     )
+
+
+def _folder_for_id(root: Path, model_id: str) -> Path | None:
+    """The folder under ``root`` whose card gives ``model_id``, or None.
+
+    Raises:
+        ModelCardError: two folders give the id, or the folder named after it has a broken card.
+    """
+    matches: list[Path] = []
+    for folder in _model_folders(root):
+        try:
+            card = read_card(folder)
+        except MedSegError as exc:
+            if folder.name == model_id:  # most likely the model asked for, and a newer one than any further down
+                raise exc from None
+            continue
+        if card.id == model_id:
+            matches.append(folder)
+    if len(matches) > 1:
+        raise ModelCardError(
+            matches[1] / CARD_FILE,
+            f"field 'id' is {model_id!r}, like {matches[0] / CARD_FILE}; two model folders in {root} give one id, "
+            "so it is not clear which to run. Remove one, or give one another id",
+        )
+    return matches[0] if matches else None
