@@ -7,6 +7,7 @@ real-data tests into silent skips.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -63,3 +64,15 @@ def blob_image() -> sitk.Image:
     image.SetSpacing((0.8, 1.1, 2.5))
     image.SetOrigin((12.0, -30.0, 7.5))
     return image
+
+
+@pytest.fixture(autouse=True)
+def _logging_handlers_of_the_test_only():
+    """Commands a test runs in-process (``medseg``, ``medseg-train``) attach logging handlers to the stderr pytest
+    captures for that test, which is closed afterwards: remove what a test added, so that a later test's messages do
+    not fail against a closed stream ("--- Logging error ---")."""
+    loggers = [logging.getLogger(), logging.getLogger("medseg"), logging.getLogger("training")]
+    before = [list(logger.handlers) for logger in loggers]
+    yield
+    for logger, handlers in zip(loggers, before):
+        logger.handlers[:] = handlers

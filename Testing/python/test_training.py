@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -1045,8 +1044,6 @@ def test_the_command_reports_a_failed_export_without_a_traceback(tmp_path, capsy
     dataset = make_dataset(tmp_path / "toy")
     path = write_config(tmp_path, dataset, epochs=1, export=["onnx"])
     monkeypatch.setitem(export.PARITY, "onnx", -1.0)  # the one stand-in: no ONNX model can pass this
-    # an earlier test's main() left logging's handler on its own captured stderr, closed since: start afresh
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     assert main([str(path)]) == 2
     error = capsys.readouterr().err
     assert "medseg-train: error: onnx export of" in error and "Traceback" not in error
