@@ -307,8 +307,9 @@ def run_model(folder: Path, image_path: Path, device: str, repeats: int, work: P
     from medseg.inference import CPU_WINDOW_BATCH
     from medseg.models.folder import load_model_folder
 
-    card = load_model_folder(folder).card
-    network = load_model_folder(folder).network.to(device).eval()
+    loaded = load_model_folder(folder)  # once: two loads could count two sets of weights in the budget
+    card, network = loaded.card, loaded.network.to(device).eval()
+    del loaded
     x = torch.zeros((CPU_WINDOW_BATCH, len(card.channels), *card.inference.roi_size), device=device)
     with torch.inference_mode():
         network(x)

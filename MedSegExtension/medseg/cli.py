@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import MedSegError
+from .errors import MedSegError, OutputError
 from .progress import RunControl
 
 logger = logging.getLogger("medseg")
@@ -190,8 +190,8 @@ def _refine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--band-mm",
         type=float,
-        default=0.0,
-        help="how far the graph reaches beyond the uncertain band, in mm (default: %(default)s)",
+        default=None,
+        help="how far the graph reaches beyond the uncertain band, in mm (default: 0)",
     )
     group.add_argument("--full-volume", action="store_true", help="cut the whole volume instead of the band (slow)")
 
@@ -199,10 +199,13 @@ def _refine_options(parser: argparse.ArgumentParser) -> None:
 def _graphcut_options(args: argparse.Namespace):
     from .graphcut import GraphCutOptions
 
+    if args.full_volume and args.band_mm is not None:
+        raise MedSegError("--band-mm with --full-volume: the whole volume is cut, so there is no band; drop one")
+
     return GraphCutOptions(
         smoothness=args.smoothness,
         connectivity=args.connectivity,
-        band_mm=None if args.full_volume else args.band_mm,
+        band_mm=None if args.full_volume else args.band_mm or 0.0,
     )
 
 
@@ -293,7 +296,7 @@ def _check_segment_options(args: argparse.Namespace) -> None:
         for flag, differs in (
             ("--smoothness", args.smoothness != 1.0),
             ("--connectivity", args.connectivity != 6),
-            ("--band-mm", args.band_mm != 0.0),
+            ("--band-mm", args.band_mm is not None),
             ("--full-volume", args.full_volume),
         )
         if differs
@@ -425,7 +428,7 @@ def _models(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from . import io
-    from .models.registry import resources_dir
+    from .models.registry import DEFAULT_MODEL_ID, resources_dir
     from .segmenter import Segmenter, seg_nrrd_writer
 
     resources = resources_dir()
@@ -433,11 +436,15 @@ def _demo(args: argparse.Namespace) -> int:
     if sample is None or not sample.is_file():
         raise MedSegError(f"the bundled sample {SAMPLE_FILE} is missing from this installation")
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a folder that cannot be written, a full disk
+        raise OutputError(f"{out_dir}: cannot make the output folder ({exc.strerror or exc})") from None
     labelmap_path = out_dir / SAMPLE_FILE.replace(".nii.gz", "_seg.nii.gz")
     seg_nrrd_path = out_dir / SAMPLE_FILE.replace(".nii.gz", ".seg.nrrd")
     start = time.perf_counter()
-    segmenter = Segmenter(None, device=args.device)
+    # the bundled model itself: a user's own model of that id, found first by id, is not the demo
+    segmenter = Segmenter(resources / "Models" / DEFAULT_MODEL_ID, device=args.device)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
         image = io.read_image(sample)
@@ -445,14 +452,15 @@ def _demo(args: argparse.Namespace) -> int:
         result = segmenter.segment(image, control=RunControl(progress=bar))
     finally:
         bar.close()
-    io.write_image(result.labelmap, labelmap_path, orientation=orientation)
     try:
         writer = seg_nrrd_writer()
     except MedSegError as exc:
         logger.info("not writing a .seg.nrrd: %s", exc)
-        seg_nrrd_path = None
-    else:
-        writer(result.labelmap, segmenter.card, seg_nrrd_path)
+        writer, seg_nrrd_path = None, None
+    with io.outputs_together():  # both files or neither: "interrupted; nothing was written" holds
+        io.write_image(result.labelmap, labelmap_path, orientation=orientation)
+        if writer is not None:
+            writer(result.labelmap, segmenter.card, seg_nrrd_path)
     if not args.quiet:
         print(f"input      {sample}")
         _print_result(result, labelmap_path, time.perf_counter() - start)

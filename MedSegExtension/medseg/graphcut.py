@@ -30,6 +30,7 @@ The max-flow solver is PyMaxflow's Boykov-Kolmogorov implementation; everything 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,10 @@ class GraphCutOptions:
     def __post_init__(self) -> None:
         if self.connectivity not in (6, 26):
             raise RefinementError(f"connectivity must be 6 or 26, got {self.connectivity}")
+        for name in ("smoothness", "stroke_mm", "band_mm", "certainty", "contrast"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN passes every comparison, then hangs the cut
+                raise RefinementError(f"{name} must be a finite number, got {value}")
         if self.smoothness < 0:
             raise RefinementError(f"smoothness must be zero or positive, got {self.smoothness}")
         if self.stroke_mm < 0:

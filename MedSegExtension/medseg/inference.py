@@ -116,7 +116,10 @@ def select_device(name: str = "auto") -> torch.device:
             raise DeviceError(
                 f"device {name!r} was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto"
             )
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:  # cuda:abc, cuda:-1, cudax
+            raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(
                 f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} CUDA GPU(s)"
@@ -162,6 +165,11 @@ class InferenceOptions:
             raise ValueError(f"gpu_memory_gib must be positive, got {self.gpu_memory_gib}")
         if self.backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; use one of {', '.join(backends.BACKENDS)}")
+        if self.backend == "openvino" and self.precision == "fp16":
+            raise ValueError(
+                "backend openvino runs float32 and bf16 windows; fp16 runs in PyTorch: use precision bf16 or "
+                "backend auto or torch"
+            )
         if isinstance(self.mirror_axes, str):
             if self.mirror_axes != "model":
                 raise ValueError(f"mirror_axes must be axes among 0, 1, 2 or 'model', got {self.mirror_axes!r}")

@@ -38,6 +38,8 @@ def read_segmentation(path: Path, image: sitk.Image) -> tuple[np.ndarray, list[i
         probabilities = np.stack([1.0 - array, array]).astype(np.float32)  # one structure's probability
         labels = [1]
     else:
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # NaN would be cast to a label silently
+            raise InputImageError(path, "the segmentation holds NaN or infinite values")
         if array.min() < 0 or not _is_integral(array):
             raise InputImageError(path, "a labelmap must hold whole label values 0, 1, 2, ...")
         labels = sorted(int(v) for v in np.unique(array) if v > 0)
@@ -74,6 +76,8 @@ def read_strokes(path: Path, image: sitk.Image) -> np.ndarray:
     if strokes.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(path, "a stroke mask must have one value per voxel")
     array = sitk.GetArrayFromImage(strokes)
+    if array.dtype.kind == "f" and (not np.isfinite(array).all() or not _is_integral(array)):
+        raise InputImageError(path, "a stroke mask must hold whole values (0 for none, else a label), not fractions")
     if not np.any(array):
         raise InputImageError(path, "the stroke mask is empty: paint at least one voxel, or leave it out")
     return array

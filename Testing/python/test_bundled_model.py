@@ -102,3 +102,19 @@ def test_demo_segments_the_bundled_sample(tmp_path, capsys):
     assert "Anterior hippocampus" in out and "mL" in out and str(tmp_path.resolve()) in out
     pytest.importorskip("slicer")
     assert (tmp_path / "hippocampus-mni152-t1.seg.nrrd").is_file()
+
+
+def test_demo_runs_the_bundled_model_and_says_when_its_folder_cannot_be_made(tmp_path, capsys, monkeypatch):
+    from helpers import write_model_folder
+
+    # a user's own model of the bundled id, first on the search path: the demo still runs the bundled one
+    write_model_folder(tmp_path / "mine" / "hippocampus-mri", id="hippocampus-mri")
+    monkeypatch.setenv("MEDSEG_MODEL_PATH", str(tmp_path / "mine"))
+    assert main(["demo", "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
+    labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "hippocampus-mni152-t1_seg.nii.gz")))
+    assert np.bincount(labelmap.ravel(), minlength=3)[1:].tolist() == [2105, 1915]  # the bundled model's answer
+    capsys.readouterr()
+    (tmp_path / "a file").write_text("")
+    assert main(["demo", "--output-dir", str(tmp_path / "a file"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "a file: cannot make the output folder" in err and "Traceback" not in err

@@ -350,6 +350,8 @@ def test_refine_command_takes_a_labelmap_and_strokes(tmp_path, case_files, capsy
         ("both", "also background strokes"),
         ("unknown_label", "are not labels of the segmentation"),
         ("empty_labelmap", "nothing to refine"),
+        ("fractional_strokes", "must hold whole values"),
+        ("nan_labelmap", "holds NaN or infinite values"),
     ],
 )
 def test_refine_command_errors_name_the_file_and_write_nothing(tmp_path, case_files, capsys, make, message):
@@ -372,6 +374,13 @@ def test_refine_command_errors_name_the_file_and_write_nothing(tmp_path, case_fi
     elif make == "unknown_label":
         named = write(strokes * 7, tmp_path / "fg.nrrd", reference)
         extra = ["--seeds-fg", named]
+    elif make == "fractional_strokes":  # 0.5 was cast to 0: an empty mask, blamed on nothing in particular
+        named = write(strokes.astype(np.float32) * 0.5, tmp_path / "fg.nrrd", reference)
+        extra = ["--seeds-fg", named]
+    elif make == "nan_labelmap":  # NaN was cast to a label silently
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation))).astype(np.float32)
+        labels[0, 0, 0] = np.nan
+        segmentation = named = write(labels, tmp_path / "nan.nrrd", reference)
     else:
         segmentation = named = write(np.zeros_like(strokes), tmp_path / "empty.nrrd", reference)
     out_path = tmp_path / "refined.nrrd"
@@ -443,3 +452,19 @@ def test_refine_command_never_overwrites_its_inputs(case_files, capsys):
     code, _, err = run(["refine", case_files["image"], labelmap, "-o", labelmap], capsys)
     assert code == 1 and "would overwrite an input" in err and str(labelmap) in err
     assert labelmap.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--smoothness", "nan"], "smoothness must be a finite number, got nan"),  # hung in the max-flow before
+        (["--smoothness", "inf"], "smoothness must be a finite number, got inf"),  # erased every label before
+        (["--band-mm", "nan"], "band_mm must be a finite number"),
+        (["--full-volume", "--band-mm", "3"], "--band-mm with --full-volume"),  # the band was dropped silently
+    ],
+)
+def test_graph_cut_options_that_cannot_work_are_refused(tmp_path, case_files, capsys, extra, message):
+    out_path = tmp_path / "refined.nrrd"
+    code, _, err = run(["refine", case_files["image"], case_files["labelmap"], "-o", out_path, *extra], capsys)
+    assert code == 1 and message in err, err
+    assert not out_path.exists()

@@ -857,3 +857,10 @@ def test_auto_precision_compares_the_heads_logits_when_features_are_blended():
     np.testing.assert_array_equal(out, sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32))
     openvino = sliding_window_probabilities(net, volume, settings, device=CPU, options=InferenceOptions("fp32"))
     assert np.mean(openvino.argmax(0) == out.argmax(0)) >= 0.9999  # OpenVINO runs the features' part alone
+
+
+def test_backend_openvino_with_float16_is_refused_not_run_in_pytorch():
+    with pytest.raises(ValueError, match="backend openvino runs float32 and bf16 windows; fp16 runs in PyTorch"):
+        InferenceOptions(backend="openvino", precision="fp16")
+    InferenceOptions(backend="openvino", precision="bf16")
+    InferenceOptions(backend="auto", precision="fp16")
