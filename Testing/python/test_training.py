@@ -463,22 +463,25 @@ def test_two_channel_datasets_in_folder_layouts_train(tmp_path, layout):
     assert validation["Other"] > 0.8, validation  # label 2 needs the second channel
 
 
+def _folder_pairs(root, channels=None):
+    """Empty ``images`` and ``labels`` folders under ``root``, one case's first channel and labels to write there,
+    and the ``folders`` layout that reads them (``channels`` where given)."""
+    first, _, labels = _two_channel_case(np.random.default_rng(1))
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    spec = {"layout": "folders", "images": str(root / "images"), "labels_dir": str(root / "labels")}
+    if channels is not None:
+        spec["channels"] = channels
+    spec["labels"] = {"0": "bg", "1": "a", "2": "b"}
+    return first, labels, spec
+
+
 def test_folder_pairs_with_a_missing_image_channel_are_refused(tmp_path):
     from training.data import DatasetError, read_dataset
 
-    rng = np.random.default_rng(1)
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    first, _, labels = _two_channel_case(rng)
+    first, labels, spec = _folder_pairs(tmp_path, channels=2)
     _write_image(first, tmp_path / "images" / "c0_0000.nii.gz")
     _write_image(labels, tmp_path / "labels" / "c0.nii.gz")
-    spec = {
-        "layout": "folders",
-        "images": str(tmp_path / "images"),
-        "labels_dir": str(tmp_path / "labels"),
-        "channels": 2,
-        "labels": {"0": "bg", "1": "a", "2": "b"},
-    }
     with pytest.raises(DatasetError, match=r"c0_0001.nii.gz: the image for label .*c0.nii.gz is missing"):
         read_dataset(spec)
 
@@ -487,18 +490,10 @@ def test_single_channel_folder_pairs_with_nnunet_names_are_read(tmp_path):
     """case_0000.nii.gz pairs with labels/case.nii.gz when channels is 1, as it does for several channels."""
     from training.data import DatasetError, read_dataset
 
-    first, _, labels = _two_channel_case(np.random.default_rng(1))
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
+    first, labels, spec = _folder_pairs(tmp_path)
     for case in ("c0", "c1"):
         _write_image(first, tmp_path / "images" / f"{case}_0000.nii.gz")
         _write_image(labels, tmp_path / "labels" / f"{case}.nii.gz")
-    spec = {
-        "layout": "folders",
-        "images": str(tmp_path / "images"),
-        "labels_dir": str(tmp_path / "labels"),
-        "labels": {"0": "bg", "1": "a", "2": "b"},
-    }
     cases, _ = read_dataset(spec)
     assert [(c.case_id, [p.name for p in c.images]) for c in cases] == [
         ("c0", ["c0_0000.nii.gz"]),
@@ -513,18 +508,10 @@ def test_two_label_files_with_one_case_id_are_refused(tmp_path):
     """labels/x.nii.gz and labels/x.nrrd are both case x: splits and results could not tell them apart."""
     from training.data import DatasetError, read_dataset
 
-    first, _, labels = _two_channel_case(np.random.default_rng(1))
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
+    first, labels, spec = _folder_pairs(tmp_path)
     for suffix in (".nii.gz", ".nrrd"):
         _write_image(first, tmp_path / "images" / f"x{suffix}")
         _write_image(labels, tmp_path / "labels" / f"x{suffix}")
-    spec = {
-        "layout": "folders",
-        "images": str(tmp_path / "images"),
-        "labels_dir": str(tmp_path / "labels"),
-        "labels": {"0": "bg", "1": "a", "2": "b"},
-    }
     with pytest.raises(DatasetError, match=r"x\.nrrd: its case id 'x' is also that of .*x\.nii\.gz"):
         read_dataset(spec)
 
