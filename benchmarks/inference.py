@@ -247,20 +247,21 @@ def run_medseg(
         settings, options = dataclasses.replace(settings, overlap=0.0), segmenter._preview_options()
     held = {"volume": volume}
     del volume
-    report = InferenceReport()
+    reports = []  # each run's: the warm-up's trial is not the timed runs' (a decisive refusal is remembered)
 
     def network_part():  # the labels on the network grid, as plain MONAI's argmax gives them
-        report.notes.clear()
+        reports.append(InferenceReport())
         return sliding_window_labels(
             segmenter.model.network,
             held["volume"],
             settings,
             device=segmenter.device,
             options=options,
-            report=report,
+            report=reports[-1],
         )
 
     network_seconds, labels, first_network = timed(network_part, repeats, with_first=True)
+    first, report = reports[0], reports[-1]
     np.save(work / f"{variant}_network.npy", labels)
     held.clear()
     del labels
@@ -280,9 +281,15 @@ def run_medseg(
     if report.calibration_disagreement is not None:
         row["trial_shape"] = list(report.trial_shape)
         row["trial_disagreement"] = report.calibration_disagreement
+    if report.estimated_disagreement is not None:
         row["estimated_disagreement"] = report.estimated_disagreement
     if report.notes:
         row["notes"] = list(report.notes)
+    if first.calibration_disagreement is not None and report.calibration_disagreement is None:  # the warm-up's
+        row["first_trial_shape"] = list(first.trial_shape)
+        row["first_trial_disagreement"] = first.calibration_disagreement
+    if first.notes != report.notes:
+        row["first_notes"] = list(first.notes)
     if network_only:
         return row
     reset_peak()  # peak_rss_MiB is the file-in, file-out run's own

@@ -53,6 +53,7 @@ import functools
 import itertools
 import logging
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -98,6 +99,11 @@ FLUSH_CHUNK_BYTES = 128 * 2**20
 #: of 391 to 431 MiB to 364 to 375 (6 runs, twice each), where OpenVINO's working memory leaves the windows'
 #: freed memory nothing to reuse; PyTorch's runs and the times were unchanged.
 CPU_FLUSH_CHUNK_BYTES = 4 * 2**20
+#: A trial that finds low precision changing more than this many times :data:`DISAGREEMENT_BUDGET` of the labels is
+#: remembered for the network (its weights unchanged) in this process: its later runs go to float32 without another
+#: trial. Such near ties are the network's, not one scan's (the untrained U-Net: 0.34 % on the benchmark's CT, 0.2 to
+#: 0.4 % on others), while a narrow refusal, or a pass, is tried again on every input.
+REMEMBERED_REFUSAL_FACTOR = 4.0
 
 
 class DeviceError(MedSegError):
@@ -754,8 +760,23 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             plan.per_window = max(plan.per_window, float32_window[0])
             return window_batch_for(plan.available, plan.per_window, plan.slab_bytes, len(starts))
 
+        refusal = None  # where a trial could run: what identifies it to the remembered refusals
+        if options.precision == "auto" and low is not None:
+            refusal = _refusal_key(body, roi, volume.shape[0], low, runner, device)
         if options.precision == "auto" and low is not None and len(starts) < MIN_GROUPS_FOR_TRIAL * trial_size:
             runner, report.precision = whole_fp32(), "fp32"  # the trial would cost more than low precision saves
+            if plan is not None and (replanned := float32_batch()) != batch:
+                batch = report.window_batch = replanned
+                groups = list(_batches(starts, batch))
+        elif refusal is not None and (earlier := _remembered_refusal(body, refusal)) is not None:
+            _note(
+                report,
+                f"{report.precision} changed {earlier:.3%} of the labels of a trial window batch in an earlier run of "
+                f"this network (budget {DISAGREEMENT_BUDGET:.3%}); running in float32 without another trial",
+            )
+            runner.release_memory()
+            runner, report.precision = whole_fp32(), "fp32"
+            report.backend = "openvino" if _openvino_precision(runner) else "torch"
             if plan is not None and (replanned := float32_batch()) != batch:
                 batch = report.window_batch = replanned
                 groups = list(_batches(starts, batch))
@@ -781,6 +802,7 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             report.calibration_disagreement = calibration.disagreement
             overflowed = not math.isfinite(calibration.bound)  # float16's range: no error bound to go by
             if overflowed or calibration.disagreement > DISAGREEMENT_BUDGET:
+                _remember_refusal(body, refusal, math.inf if overflowed else calibration.disagreement)
                 _note(
                     report,
                     f"{report.precision} overflowed in a trial window batch; running in float32"
@@ -996,6 +1018,32 @@ def release_memory() -> None:
 def _note(report: InferenceReport, message: str) -> None:
     logger.info(message)
     report.notes.append(message)
+
+
+#: network -> {(its weights' state, window, channels, precision, mirroring, device type, backend): labels changed}:
+#: the trials that refused a low precision decisively (:data:`REMEMBERED_REFUSAL_FACTOR`), forgotten with the network
+_refusals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refusal_key(body, roi, channels: int, low: torch.dtype, runner: _Runner, device: torch.device) -> tuple:
+    state = rewrite.weights_state(body)
+    backend = _openvino_precision(runner) or "torch"
+    return (state, tuple(roi), int(channels), precision_name(low), tuple(runner.flips), device.type, backend)
+
+
+def _remember_refusal(body: torch.nn.Module, key: tuple, disagreement: float) -> None:
+    if disagreement > REMEMBERED_REFUSAL_FACTOR * DISAGREEMENT_BUDGET:
+        try:
+            _refusals.setdefault(body, {})[key] = disagreement
+        except TypeError:  # a module that refuses weak references: tried again on every run
+            pass
+
+
+def _remembered_refusal(body: torch.nn.Module, key: tuple) -> float | None:
+    try:
+        return _refusals.get(body, {}).get(key)
+    except TypeError:
+        return None
 
 
 @dataclass

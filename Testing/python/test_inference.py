@@ -368,6 +368,47 @@ def test_auto_keeps_float32_for_an_unsure_model():
     assert np.mean(forced.argmax(0) == exact.argmax(0)) < 1 - inference.DISAGREEMENT_BUDGET
 
 
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")
+def test_a_decisive_refusal_is_remembered_for_the_network_until_its_weights_change():
+    """A trial that finds bf16 changing several times the budget's labels sends the network's later runs straight
+    to float32 (the same result, no trial); new weights, or another network, are tried again."""
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+    volume = np.random.default_rng(1).normal(size=(1, 40, 36, 30)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(16, 16, 16), overlap=0.25, blend_mode="constant")
+    auto = InferenceOptions(backend="torch")
+    first, second = InferenceReport(), InferenceReport()
+    sliding_window_probabilities(net, volume, settings, device=CPU, report=first, options=auto)
+    assert first.calibration_disagreement > inference.REMEMBERED_REFUSAL_FACTOR * inference.DISAGREEMENT_BUDGET
+    out = sliding_window_probabilities(net, volume[:, ::-1].copy(), settings, device=CPU, report=second, options=auto)
+    assert second.precision == "fp32" and second.calibration_disagreement is None and second.trial_shape is None
+    assert "in an earlier run of this network" in second.notes[0] and "without another trial" in second.notes[0]
+    exact = sliding_window_probabilities(net, volume[:, ::-1].copy(), settings, device=CPU, options=FP32)
+    np.testing.assert_array_equal(out, exact)
+
+    with torch.no_grad():  # an optimiser step: the same module, new weights
+        next(net.parameters()).mul_(1.0)
+    third = InferenceReport()
+    sliding_window_probabilities(net, volume, settings, device=CPU, report=third, options=auto)
+    assert third.calibration_disagreement is not None and "earlier run" not in " ".join(third.notes)
+    other = InferenceReport()  # the same architecture and seed, another module: its own trial
+    torch.manual_seed(0)
+    twin = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+    sliding_window_probabilities(twin, volume, settings, device=CPU, report=other, options=auto)
+    assert other.calibration_disagreement is not None
+
+
+def test_only_a_decisive_refusal_is_remembered():
+    net = torch.nn.Conv3d(1, 2, 1)
+    key = ("state", (16, 16, 16), 1, "bf16", ((),), "cpu", "torch")
+    narrow = inference.REMEMBERED_REFUSAL_FACTOR * inference.DISAGREEMENT_BUDGET
+    inference._remember_refusal(net, key, narrow)  # at the factor: a narrow refusal, tried again next time
+    assert inference._remembered_refusal(net, key) is None
+    inference._remember_refusal(net, key, 1.01 * narrow)
+    assert inference._remembered_refusal(net, key) == pytest.approx(1.01 * narrow)
+    assert inference._remembered_refusal(net, (*key[:-1], "f32")) is None  # another backend: its own trial
+
+
 def test_the_cpu_trial_crop_keeps_a_networks_downsampling_and_enough_voxels():
     assert inference.trial_crop((96, 96, 96)) == (48, 48, 48)  # the benchmark's U-Net: an eighth of the work
     assert inference.trial_crop((128, 128, 128)) == (64, 64, 64)
