@@ -12,7 +12,6 @@ import logging
 import os
 import tempfile
 import threading
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,6 +91,10 @@ def _read_file(path: Path) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        if _is_nifti2(path):  # ITK says only that no reader fits, which reads as a damaged file
+            raise InputImageError(
+                path, "NIfTI-2 is not supported by ITK's reader here; convert it to NIfTI-1"
+            ) from None
         reason = _itk_reason(exc)
         raise InputImageError(path, f"cannot be read as an image; it may be truncated or corrupt ({reason})") from None
     if image_suffix(path) in (".nii", ".nii.gz"):
@@ -101,21 +104,36 @@ def _read_file(path: Path) -> sitk.Image:
     return image
 
 
+def _is_nifti2(path: Path) -> bool:
+    """Whether ``path`` (gzipped or not) starts as a NIfTI-2 header: ``sizeof_hdr`` 540, then the magic
+    ``n+2`` (single file) or ``ni2`` (header and image pair)."""
+    try:
+        reader, _ = gzipio.open_maybe_gzip(path)
+        with reader as handle:
+            start = handle.read(8)
+    except gzipio.GZIP_ERRORS:
+        return False
+    return start[:4] in (b"\x1c\x02\0\0", b"\0\0\x02\x1c") and start[4:8] in (b"n+2\0", b"ni2\0")
+
+
 def _check_nifti_complete(path: Path) -> None:
-    """ITK zero-fills a truncated NIfTI without a word; compare the data on disk with what the header promises."""
+    """ITK zero-fills a truncated NIfTI without a word; compare the data on disk with what the header promises
+    (:func:`gzipio.nifti_expected_bytes`: as ITK reads it, whatever ``bitpix`` says), and refuse a ``vox_offset``
+    that puts the voxels where ITK and other readers disagree (:func:`gzipio.nifti_data_offset`)."""
     try:
         reader, compressed = gzipio.open_maybe_gzip(path)
         with reader as handle:
             header = handle.read(540)
-            expected = _nifti_expected_bytes(header)
+            fields = gzipio.nifti_header(header)
+            expected = None if fields is None else gzipio.nifti_expected_bytes(path, fields)
             if not compressed:
                 available = path.stat().st_size
             else:  # inflate it all: gzip checks the CRC and the length at the end
                 available = len(header)
                 while chunk := handle.read(1 << 22):
                     available += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        raise gzipio.corrupt(path) from None
+    except gzipio.GZIP_ERRORS:
+        raise gzipio.gzip_error(path) from None
     if expected is not None and available < expected:
         raise gzipio.truncated(path, expected, available)
 
@@ -124,26 +142,22 @@ def _check_nrrd_compressed(path: Path) -> None:
     """ITK (teem) does not check a gzip-encoded NRRD's CRC, so a damaged file can read as wrong voxels without a
     word: inflate the attached data once more, which checks it (ISA-L: about 0.2 s for a 512 x 512 x 320 CT)."""
     with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    end = head.find(b"\n\n")
-    if not head.startswith(b"NRRD") or end < 0:
-        return
+        if handle.read(4) != b"NRRD":
+            return
+        handle.seek(0)
+        head, ended = gzipio.read_nrrd_header(handle)  # whole, however long: a .seg.nrrd's may exceed 64 KiB
     fields = {}
-    for line in head[:end].decode("latin-1").splitlines()[1:]:
+    for line in head.decode("latin-1").splitlines()[1:]:
         key, colon, value = line.partition(":")
         if colon and not line.startswith("#") and not value.startswith("="):  # "key:=value" pairs are metadata
             fields[key.strip().lower()] = value.strip().lower()
     detached = {"data file", "datafile"} & fields.keys()
+    if not ended:  # the file ends inside the header: fine for a detached header, no NRRD with the data attached
+        if detached:
+            return
+        raise InputImageError(path, "the NRRD header has no blank line ending it; the file is not a valid NRRD")
     if fields.get("encoding") in ("gzip", "gz") and not detached and not {"line skip", "byte skip"} & fields.keys():
-        gzipio.check_gzip_from(path, end + 2)
-
-
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header size plus voxel data size, from a NIfTI-1 or NIfTI-2 header; None if the header is not recognised."""
-    fields = gzipio.nifti_header(header)
-    if fields is None:
-        return None
-    return fields["vox_offset"] + int(np.prod(fields["dims"])) * fields["bitpix"] // 8
+        gzipio.check_gzip_from(path, len(head))
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -356,7 +370,7 @@ def read_nifti_orientation(path: str | Path, image: sitk.Image) -> NiftiOrientat
         reader, _ = gzipio.open_maybe_gzip(path)
         with reader as handle:
             fields = gzipio.nifti_orientation(handle.read(348))
-    except (EOFError, OSError, zlib.error):
+    except gzipio.GZIP_ERRORS:
         return None
     return None if fields is None else NiftiOrientation(fields, Grid.of(image))
 
@@ -411,14 +425,62 @@ def outputs_together() -> Iterator[None]:
     _together.staged = staged
     try:
         yield
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        _rename_together(staged)
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
     finally:
         _together.staged = outer
+
+
+def _rename_together(staged: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each temporary file to its final name, all or none.
+
+    Renames happen one after another, so a failure in the middle (the name taken by a folder since the checks before
+    the computation, a temporary file removed by a cleaner, the folder made read-only) would leave the earlier
+    outputs replaced and the later ones not. Each target is checked first; each existing file under a final name is
+    then moved aside, and put back (the new files removed) when a later rename fails, and deleted only once all of
+    them succeeded.
+
+    Raises:
+        OutputError: naming the output that could not take its name; every earlier file is as it was.
+    """
+    for _, path in staged:
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name")
+        if not os.access(path.parent, os.W_OK):
+            raise OutputError(f"{path}: the folder {path.parent} is not writable")
+    aside: dict[Path, Path] = {}
+    placed: list[Path] = []
+    current = None
+    try:
+        for _, current in staged:
+            if os.path.lexists(current):
+                fd, name = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".old", dir=current.parent)
+                os.close(fd)
+                try:
+                    os.replace(current, name)
+                except BaseException:
+                    os.unlink(name)
+                    raise
+                aside[current] = Path(name)
+        for tmp, current in staged:
+            os.replace(tmp, current)
+            placed.append(current)
+    except BaseException as exc:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path, old in aside.items():
+            try:
+                os.replace(old, path)
+            except OSError as error:
+                logger.error("%s: the earlier file could not be put back (%s); it is at %s", path, error, old)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{current}: could not be written ({exc}); no output was written") from None
+        raise
+    for old in aside.values():
+        old.unlink(missing_ok=True)
 
 
 @contextmanager

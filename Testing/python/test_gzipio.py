@@ -113,6 +113,59 @@ def test_corrupt_middle_is_refused(tmp_path, gzip_backend, where):
         io.read_image(path)
 
 
+@pytest.mark.parametrize("where", [0.5, 0.6])
+def test_an_invalid_deflate_block_is_refused(tmp_path, gzip_backend, where):
+    """64 bytes of 0xFF mid-stream make an invalid deflate block, for which ISA-L raises its own error class (not an
+    OSError); it once escaped as a traceback. The file is larger than what ITK inflates to read its header, which
+    would refuse the damage itself."""
+    array = np.random.default_rng(6).normal(0, 300, (32, 96, 96)).astype(np.int16)
+    path = tmp_path / "large.nii.gz"
+    sitk.WriteImage(oblique(array), str(path), useCompression=True)
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * where)
+    data[start : start + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputImageError, match=r"large\.nii\.gz: .*truncated or corrupt"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "scaled.nii.gz", "ct.nrrd"])
+def test_a_damaged_member_after_the_data_is_refused(tmp_path, gzip_backend, name):
+    """ITK reads the voxels from the first gzip member and stops there; the check goes on to the end, where a second
+    member with an invalid deflate block (ISA-L's own error class) once escaped as a traceback. ``scaled`` takes
+    ITK's reader and its check rather than the one inflation."""
+    raw = tmp_path / "raw.nii"
+    sitk.WriteImage(sitk.ReadImage(str(written_ct(tmp_path))), str(raw))
+    path = tmp_path / name
+    if name == "ct.nrrd":
+        sitk.WriteImage(sitk.ReadImage(str(raw)), str(path), useCompression=True)
+    else:
+        data = bytearray(raw.read_bytes())
+        if name == "scaled.nii.gz":
+            data[112:120] = struct.pack("<2f", 0.5, -3.0)
+        path.write_bytes(gzip.compress(bytes(data)))
+    assert sitk.ReadImage(str(path)).GetSize() == (48, 40, 24)
+    path.write_bytes(path.read_bytes() + gzipio.GZIP_HEADER + b"\xff" * 32)
+    with pytest.raises(InputImageError, match=rf"{name}: the compressed data ends early or fails its check"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_data_after_the_compressed_stream_is_named_as_such(tmp_path, gzip_backend, suffix):
+    """Bytes after a whole, valid gzip stream are refused (gzip readers refuse them as they would a damaged next
+    member, and they may be one), in words that say so, not as a stream that "ends early or fails its check". Zero
+    padding, which gzip itself skips, still reads."""
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(written_ct(tmp_path))), str(path), useCompression=True)
+    whole = path.read_bytes()
+    expected = sitk.GetArrayFromImage(io.read_image(path))
+    path.write_bytes(whole + bytes(100))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_image(path)), expected)
+    path.write_bytes(whole + b"JUNKJUNK")
+    with pytest.raises(InputImageError, match=rf"ct\{suffix}: unexpected data after the compressed stream"):
+        io.read_image(path)
+
+
 def test_truncated_is_refused(tmp_path, gzip_backend):
     path = written_ct(tmp_path)
     path.write_bytes(path.read_bytes()[:-100])
@@ -129,6 +182,25 @@ def test_whole_gzip_of_a_short_nifti_is_refused(tmp_path, gzip_backend):
     promise = r"short\.nii\.gz: the file is truncated: the header promises 92512 bytes"
     with pytest.raises(InputImageError, match=promise):
         io.read_image(short)
+
+
+def test_a_stream_that_ends_inside_the_extensions_reports_the_bytes_it_holds(tmp_path, gzip_backend):
+    """A whole gzip stream of the first 1000 bytes of a NIfTI whose voxels start at byte 2368 (after an extension):
+    the file holds 1000 bytes, not 2368."""
+    array = np.random.default_rng(10).integers(0, 100, (8, 9, 10)).astype(np.int16)
+    nifti = nib.Nifti1Image(array, np.eye(4))
+    nifti.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"x" * 2000))
+    raw = tmp_path / "ext.nii"
+    nib.save(nifti, raw)
+    whole = raw.read_bytes()
+    assert struct.unpack("<f", whole[108:112])[0] > 1000  # vox_offset
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(gzip.compress(whole[:1000]))
+    promise = (
+        rf"cut\.nii\.gz: the file is truncated: the header promises {len(whole)} bytes \(header and image data\), "
+    )
+    with pytest.raises(InputImageError, match=promise + "the file holds 1000$"):
+        io.read_image(path)
 
 
 @pytest.mark.parametrize("threads,block", [(1, None), (2, 4096), (3, 1000)])
@@ -175,6 +247,22 @@ def test_written_nrrd_keeps_itks_header_with_gzip_data(tmp_path, gzip_backend):
     assert back.GetNumberOfComponentsPerPixel() == 3
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(probabilities))
     np.testing.assert_allclose(back.GetDirection(), probabilities.GetDirection(), atol=1e-12)
+
+
+def test_written_nrrd_with_a_header_over_64_kib_is_still_compressed_on_every_core(tmp_path, gzip_backend):
+    """A .seg.nrrd with a hundred segments has a header over 64 KiB: it is found whole, not left to ITK's writer
+    (one core), whose gzip header says "Unix" where this module's says "unknown"."""
+    image = oblique(np.random.default_rng(11).integers(0, 5, (12, 14, 16)).astype(np.uint8))
+    for k in range(800):
+        image.SetMetaData(f"Segment{k}_Name", "x" * 80)
+    path = io.write_image(image, tmp_path / "labels.nrrd")
+    itk_raw = tmp_path / "itk.nrrd"
+    sitk.WriteImage(image, str(itk_raw), useCompression=False)
+    raw_header, raw_data = itk_raw.read_bytes().split(b"\n\n", 1)
+    assert len(raw_header) > 1 << 16
+    header, data = path.read_bytes().split(b"\n\n", 1)
+    assert header == raw_header.replace(b"encoding: raw", b"encoding: gzip")
+    assert data.startswith(gzipio.GZIP_HEADER) and gzip.decompress(data) == raw_data
 
 
 def test_failed_compression_leaves_nothing(tmp_path, blob_image, monkeypatch):

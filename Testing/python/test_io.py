@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,99 @@ def test_a_damaged_compressed_nrrd_is_refused_not_read_as_other_voxels(tmp_path,
             same = np.array_equal(sitk.GetArrayFromImage(read), expected)
             pytest.fail(f"flipped bit {k} was read without a word ({'same' if same else 'other'} voxels)")
     assert refused == 12
+
+
+def test_a_damaged_compressed_nrrd_with_a_header_over_64_kib_is_refused(tmp_path):
+    """A .seg.nrrd with a hundred segments has a header over 64 KiB; its data is checked all the same."""
+    image = sitk.GetImageFromArray(np.random.default_rng(2).integers(1, 50, (16, 64, 64)).astype(np.int16))
+    for k in range(800):
+        image.SetMetaData(f"Segment{k}_Name", "x" * 80)
+    path = tmp_path / "segments.seg.nrrd"
+    sitk.WriteImage(image, str(path), useCompression=True)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"\n\n") + 2
+    assert start > 1 << 16
+    middle = (start + len(data)) // 2
+    data[middle : middle + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputImageError, match=r"segments\.seg\.nrrd: .*truncated or corrupt"):
+        io.read_image(path)
+
+
+def test_a_detached_nrrd_header_without_a_blank_line_is_read(tmp_path):
+    """The header is read to its blank line, however long; a detached header may end without one."""
+    array = np.random.default_rng(2).integers(1, 50, (3, 4, 5)).astype(np.int16)
+    (tmp_path / "scan.raw").write_bytes(array.tobytes())
+    path = tmp_path / "scan.nrrd"
+    path.write_text(
+        "NRRD0004\ntype: short\ndimension: 3\nsizes: 5 4 3\nendian: little\nencoding: raw\ndata file: scan.raw\n"
+    )
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_image(path)), array)
+
+
+def itk_nifti(tmp_path: Path, name: str = "u.nii") -> tuple[Path, np.ndarray]:
+    """A small int16 NIfTI-1 as ITK writes it (vox_offset 352), and its voxels."""
+    array = np.random.default_rng(4).integers(1, 100, (8, 9, 10)).astype(np.int16)
+    return write(sitk.GetImageFromArray(array), tmp_path / name), array
+
+
+def save_nifti(path: Path, data: bytes) -> Path:
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nifti_with_an_invalid_vox_offset_is_refused(tmp_path, suffix, value):
+    """ITK reads these from byte 348 without a word; the engine once failed on them with a bare ValueError."""
+    raw, _ = itk_nifti(tmp_path)
+    data = bytearray(raw.read_bytes())
+    data[108:112] = struct.pack("<f", value)
+    path = save_nifti(tmp_path / f"bad{suffix}", bytes(data))
+    with pytest.raises(InputImageError, match=rf"bad\{suffix}: invalid vox_offset {value}"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("vox_offset", [0.0, 348.0])
+def test_a_single_file_nifti_whose_voxels_start_before_352_is_refused(tmp_path, suffix, vox_offset):
+    """The standard puts such a file's voxels at byte 352, ITK reads them from 348 (every voxel shifted by 4 bytes)
+    and nibabel from vox_offset itself; ITK used to read it without a word, and a truncated one zero-filled."""
+    raw, _ = itk_nifti(tmp_path)
+    data = bytearray(raw.read_bytes())
+    data[108:112] = struct.pack("<f", vox_offset)
+    for name, content in (("whole", bytes(data)), ("short", bytes(data[:-300]))):
+        path = save_nifti(tmp_path / f"{name}{suffix}", content)
+        with pytest.raises(InputImageError, match=rf"{name}\{suffix}: invalid vox_offset {int(vox_offset)} .*352"):
+            io.read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_is_sized_by_its_datatype_not_its_bitpix(tmp_path, suffix):
+    """ITK reads two bytes a voxel for int16 whatever bitpix says: with bitpix 0 a whole file reads, and a truncated
+    one, once let through zero-filled, is refused."""
+    raw, array = itk_nifti(tmp_path)
+    data = bytearray(raw.read_bytes())
+    data[72:74] = struct.pack("<h", 0)
+    whole = save_nifti(tmp_path / f"whole{suffix}", bytes(data))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_image(whole)), array)
+    short = save_nifti(tmp_path / f"short{suffix}", bytes(data[:-720]))
+    with pytest.raises(
+        InputImageError, match=rf"short\{suffix}: the file is truncated: the header promises 1792 bytes"
+    ):
+        io.read_image(short)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_2_file_is_named_as_such_not_as_a_damaged_one(tmp_path, suffix):
+    nib = pytest.importorskip("nibabel")
+    data = np.random.default_rng(5).integers(0, 100, (6, 7, 8)).astype(np.int16)
+    path = tmp_path / f"scan{suffix}"
+    nib.save(nib.Nifti2Image(data, np.eye(4)), path)
+    with pytest.raises(
+        InputImageError, match=rf"scan\{suffix}: NIfTI-2 is not supported by ITK's reader here; convert it to NIfTI-1"
+    ):
+        io.read_image(path)
 
 
 def test_folder_without_dicom_is_refused(tmp_path):
@@ -284,3 +379,50 @@ def test_write_image_marks_a_preview_and_leaves_the_image_as_it_was(tmp_path, bl
     assert image.GetMetaData("ITK_FileNotes") == "an earlier note" and not image.HasMetaDataKey(io.PREVIEW_KEY)
     assert [p.name for p in tmp_path.iterdir()] == [f"preview{suffix}"], "no temporary file may remain"
     np.testing.assert_allclose(sitk.GetArrayFromImage(io.read_image(path)), sitk.GetArrayFromImage(image), atol=1e-3)
+
+
+def staged_pair(tmp_path: Path, blob_image) -> tuple[Path, Path]:
+    """Two earlier outputs, labels and probabilities, with their contents."""
+    labels, probabilities = tmp_path / "labels.nii.gz", tmp_path / "probabilities.nrrd"
+    labels.write_bytes(b"earlier labels")
+    probabilities.write_bytes(b"earlier probabilities")
+    return labels, probabilities
+
+
+def test_outputs_together_leave_the_earlier_files_when_a_name_is_taken_by_a_folder(tmp_path, blob_image):
+    """The second name became a folder after the checks that come before the computation: the first output used to
+    replace its earlier file regardless, and a bare IsADirectoryError escaped."""
+    labels, probabilities = staged_pair(tmp_path, blob_image)
+    probabilities.unlink()
+    with pytest.raises(OutputError, match=r"probabilities\.nrrd: is a folder"):
+        with io.outputs_together():
+            io.write_image(blob_image, labels)
+            io.write_image(blob_image, probabilities)
+            (probabilities / "x").mkdir(parents=True)
+    assert labels.read_bytes() == b"earlier labels"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "probabilities.nrrd"]
+
+
+def test_outputs_together_put_the_earlier_files_back_when_a_rename_fails(tmp_path, blob_image):
+    """The second rename fails (its temporary file removed meanwhile, as a cleaner might) after the first succeeded:
+    the first output is removed again and every earlier file is back under its name."""
+    labels, probabilities = staged_pair(tmp_path, blob_image)
+    with pytest.raises(OutputError, match=r"probabilities\.nrrd: could not be written"):
+        with io.outputs_together():
+            io.write_image(blob_image, labels)
+            with io.atomic_output(probabilities) as tmp:
+                tmp.write_bytes(b"new probabilities")
+            os.unlink(tmp)
+    assert labels.read_bytes() == b"earlier labels"
+    assert probabilities.read_bytes() == b"earlier probabilities"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "probabilities.nrrd"]
+
+
+def test_outputs_together_replace_every_earlier_file(tmp_path, blob_image):
+    labels, probabilities = staged_pair(tmp_path, blob_image)
+    with io.outputs_together():
+        io.write_image(blob_image, labels)
+        io.write_image(blob_image, probabilities)
+    for path in (labels, probabilities):
+        np.testing.assert_allclose(sitk.GetArrayFromImage(io.read_image(path)), sitk.GetArrayFromImage(blob_image))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "probabilities.nrrd"]
