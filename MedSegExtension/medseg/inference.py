@@ -101,8 +101,8 @@ FLUSH_CHUNK_BYTES = 128 * 2**20
 CPU_FLUSH_CHUNK_BYTES = 4 * 2**20
 #: A trial that finds low precision changing more than this many times :data:`DISAGREEMENT_BUDGET` of the labels is
 #: remembered for the network (its weights unchanged) in this process: its later runs go to float32 without another
-#: trial. Such near ties are the network's, not one scan's (the untrained U-Net: 0.34 % on the benchmark's CT, 0.2 to
-#: 0.4 % on others), while a narrow refusal, or a pass, is tried again on every input.
+#: trial. Such near ties are the network's, not one scan's (the untrained U-Net changed 0.23 to 0.37 % in the
+#: README's measurements), while a narrow refusal, a float16 overflow or a pass is tried again on every input.
 REMEMBERED_REFUSAL_FACTOR = 4.0
 
 
@@ -802,7 +802,8 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             report.calibration_disagreement = calibration.disagreement
             overflowed = not math.isfinite(calibration.bound)  # float16's range: no error bound to go by
             if overflowed or calibration.disagreement > DISAGREEMENT_BUDGET:
-                _remember_refusal(body, refusal, math.inf if overflowed else calibration.disagreement)
+                if not overflowed:  # an overflow may be one scan's extreme values: tried again on the next
+                    _remember_refusal(body, refusal, calibration.disagreement)
                 _note(
                     report,
                     f"{report.precision} overflowed in a trial window batch; running in float32"
