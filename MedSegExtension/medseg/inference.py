@@ -760,26 +760,31 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             plan.per_window = max(plan.per_window, float32_window[0])
             return window_batch_for(plan.available, plan.per_window, plan.slab_bytes, len(starts))
 
+        def in_float32(why: str | None = None) -> None:
+            """The windows run in float32 from here (a GPU's batch planned again on its memory); ``why``: the
+            low precision was refused, said in the notes, its working memory given back."""
+            nonlocal runner, batch, groups
+            if why is not None:
+                _note(report, why)
+                runner.release_memory()  # the trial's low-precision working memory, if it ran
+            runner, report.precision = whole_fp32(), "fp32"
+            if why is not None:
+                report.backend = "openvino" if _openvino_precision(runner) else "torch"
+            if plan is not None and (replanned := float32_batch()) != batch:
+                batch = report.window_batch = replanned
+                groups = list(_batches(starts, batch))
+                known.clear()  # its index was the old grouping's
+
         refusal = None  # where a trial could run: what identifies it to the remembered refusals
         if options.precision == "auto" and low is not None:
             refusal = _refusal_key(body, roi, volume.shape[0], low, runner, device)
         if options.precision == "auto" and low is not None and len(starts) < MIN_GROUPS_FOR_TRIAL * trial_size:
-            runner, report.precision = whole_fp32(), "fp32"  # the trial would cost more than low precision saves
-            if plan is not None and (replanned := float32_batch()) != batch:
-                batch = report.window_batch = replanned
-                groups = list(_batches(starts, batch))
+            in_float32()  # the trial would cost more than low precision saves
         elif refusal is not None and (earlier := _remembered_refusal(body, refusal)) is not None:
-            _note(
-                report,
+            in_float32(
                 f"{report.precision} changed {earlier:.3%} of the labels of a trial window batch in an earlier run of "
-                f"this network (budget {DISAGREEMENT_BUDGET:.3%}); running in float32 without another trial",
+                f"this network (budget {DISAGREEMENT_BUDGET:.3%}); running in float32 without another trial"
             )
-            runner.release_memory()
-            runner, report.precision = whole_fp32(), "fp32"
-            report.backend = "openvino" if _openvino_precision(runner) else "torch"
-            if plan is not None and (replanned := float32_batch()) != batch:
-                batch = report.window_batch = replanned
-                groups = list(_batches(starts, batch))
         elif options.precision == "auto" and low is not None:
             group = _central_group(groups, padded_shape, roi)
             trial = groups[group][:trial_size]
@@ -804,20 +809,13 @@ def _run(network, volume, settings, device, batch, options, control, out_dtype, 
             if overflowed or calibration.disagreement > DISAGREEMENT_BUDGET:
                 if not overflowed:  # an overflow may be one scan's extreme values: tried again on the next
                     _remember_refusal(body, refusal, calibration.disagreement)
-                _note(
-                    report,
+                in_float32(
                     f"{report.precision} overflowed in a trial window batch; running in float32"
                     if overflowed
                     else f"{report.precision} changed {calibration.disagreement:.3%} of the labels of a trial window "
-                    f"batch (budget {DISAGREEMENT_BUDGET:.3%}); running in float32",
+                    f"batch (budget {DISAGREEMENT_BUDGET:.3%}); running in float32"
                 )
-                runner.release_memory()  # the trial's low-precision working memory
-                runner, report.precision, calibration = whole_fp32(), "fp32", None
-                report.backend = "openvino" if _openvino_precision(runner) else "torch"
-                if plan is not None and (replanned := float32_batch()) != batch:
-                    batch = report.window_batch = replanned
-                    groups = list(_batches(starts, batch))
-                    known.clear()  # its index was the old grouping's
+                calibration = None
         if plan is not None and plan.working(batch) > plan.available:  # batch 1 is the least a run can do
             gib = [plan.per_window / 2**30, plan.slab_bytes(batch) / 2**30, plan.available / 2**30]
             budget = "gpu_memory_gib"
