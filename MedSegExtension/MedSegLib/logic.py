@@ -311,6 +311,25 @@ def _engineOptions(preview: bool, precision: str, testTimeAugmentation: bool) ->
     return options
 
 
+class _Forgetting:
+    """A scene observer that calls the logic's ``_forget``, holding the logic weakly (the scene's observers must not
+    keep it alive).
+
+    An object, not a closure: a scene that becomes garbage together with its observers (a traceback holding both)
+    is destroyed by the garbage collector, and its destructor fires these events after the collector may have
+    cleared the observers. A cleared closure crashes the interpreter (a segmentation fault, seen in the test
+    suite); a cleared object has merely lost its attributes, and does nothing."""
+
+    def __init__(self, logic: MedSegLogic, everything: bool) -> None:
+        self.logic, self.everything = weakref.ref(logic), everything
+
+    def __call__(self, caller, event) -> None:
+        reference = getattr(self, "logic", None)
+        logic = reference() if reference is not None else None
+        if logic is not None:
+            logic._forget(getattr(self, "everything", True))
+
+
 class MedSegLogic:
     """Segments volumes of an MRML scene with a MedSeg model.
 
@@ -336,15 +355,8 @@ class MedSegLogic:
         #: segmentation edited since (Segment Editor) is refined from what it now holds, not from the kept state
         self._outputs: dict[str, bytes] = {}
         # node ids come back after a scene is closed (another patient's nodes): forget what was kept for them
-        alive = weakref.ref(self)  # the scene's observers must not keep the logic alive
-
-        def forget(caller, event, everything=False):
-            logic = alive()
-            if logic is not None:
-                logic._forget(everything)
-
-        self.scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, lambda c, e: forget(c, e, True))
-        self.scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, forget)
+        self.scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, _Forgetting(self, everything=True))
+        self.scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, _Forgetting(self, everything=False))
 
     def _forget(self, everything: bool) -> None:
         """Drop what was kept for segmentations (or their volumes) no longer in the scene; everything on close."""

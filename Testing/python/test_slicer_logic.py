@@ -698,3 +698,37 @@ def test_unreadable_probabilities_leave_the_scene_unchanged(tmp_path):
     with pytest.raises(RuntimeError):
         job.finish()
     assert scene_state(scene) == before
+
+
+def test_a_scene_collected_with_its_logic_in_a_garbage_cycle_does_not_crash_the_interpreter():
+    """A traceback holding a scene and its logic makes both garbage in one cycle; the garbage collector may clear
+    the logic's scene observers before the scene's destructor fires them. Observers that were closures then crashed
+    the interpreter (a segmentation fault in the suite, depending on collection timing); in a child process, so
+    that a crash fails this test and not the run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import gc
+        import slicer
+        from MedSegLib.logic import MedSegLogic
+
+        for _ in range(20):
+            scene = slicer.vtkMRMLScene()
+            logic = MedSegLogic(scene)
+            scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+            try:
+                raise ValueError("held in a traceback with the scene and the logic")
+            except ValueError as error:
+                cycle = [error, scene, logic]
+                cycle.append(cycle)
+            del scene, logic, cycle
+            gc.collect()
+        print("collected")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "collected"
