@@ -346,12 +346,13 @@ def run_convert(folder: Path, image_path: Path, device: str, repeats: int, work:
 def _openvino_model(folder: Path):
     """The model folder's network as OpenVINO runs it (converted, or read from the cache) and its input shape."""
     from medseg.backends import openvino_network
-    from medseg.inference import window_network
+    from medseg.inference import window_parts
     from medseg.models.folder import load_model_folder
 
     loaded = load_model_folder(folder)
     shape = (len(loaded.card.channels), *loaded.card.inference.roi_size)
-    return openvino_network(window_network(loaded.network, shape[0]), shape), shape
+    body, head = window_parts(loaded.network, shape[0])
+    return openvino_network(body, shape, head=head), shape
 
 
 def run_tutorial(folder: Path, image_path: Path, device: str, repeats: int, work: Path) -> dict:

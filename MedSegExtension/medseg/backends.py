@@ -88,7 +88,10 @@ MIN_AGREEMENT = 0.999
 MAX_CACHED_NETWORKS = 16
 _MANIFEST = "manifest.json"
 #: What :func:`_convert` does to a network before converting it; part of the cache key.
-_REWRITES = "subpixel-transposed-convolutions-1, folded-identity-residuals-1, dynamic-spatial-dimensions-1"
+_REWRITES = (
+    "subpixel-transposed-convolutions-1, folded-identity-residuals-1, phase-space-tail-2, skip-into-tail-1, "
+    "dynamic-spatial-dimensions-1"
+)
 
 _memory: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network -> (state, _Converted)
 _lock = threading.Lock()

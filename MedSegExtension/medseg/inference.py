@@ -23,8 +23,10 @@ plain MONAI's to rounding. What differs is how the work is done:
   the trial is the error bound, and after blending the voxels within that bound of a tie, times the trial's label
   flips per such voxel, estimate how many labels could differ from float32. Above the budget, the run is redone
   in float32. A trained model runs at low-precision speed and agrees with float32 in all but a few voxels in
-  10 000. The trial runs on every input, so a result depends only on the input, the model, the device and the
-  options, never on earlier runs.
+  10 000. The trial runs on every input, but for one exception: a trial that refuses the low precision
+  decisively (:data:`REMEMBERED_REFUSAL_FACTOR`) is remembered for the network, and its later runs in the process
+  go to float32 without one. Float32 is the reference, so what ran before can make a result float32, never less
+  exact.
 * **Slab streaming.** Windows run in order along the volume's longest axis; the part of the volume no later
   window touches is finished (normalised, softmax) at once. On a GPU only a slab of C × window-depth voxels
   accumulates on the device and finished slabs go to the host (in ``out_dtype``, float16 halves it) through pinned
@@ -40,6 +42,8 @@ plain MONAI's to rounding. What differs is how the work is done:
   by the same bf16 compilation as the windows), so it measures what runs. A network OpenVINO cannot take runs in
   PyTorch, with a note; ``backend="torch"`` keeps everything there.
 * **Cached blending weights** per window size and mode.
+* **Fewer channels blended** where the logits are a linear map of something smaller: a many-class DynUNet's
+  features before its 1x1x1 head, a two-class network's logit difference (:func:`_feature_split`).
 * **Test-time mirroring** (optional): each window is also run flipped along the chosen axes and the logits
   averaged, as nnU-Net does. Off by default.
 * **Out of memory** on a GPU: the batch is halved down to 1, then the run moves to the CPU, and the log says so.
@@ -151,8 +155,9 @@ class InferenceOptions:
             weights, its window batch, blending slab and a result kept on the device, and what else the process
             already holds (never more than is free); None for :data:`DEFAULT_GPU_MEMORY_GIB`.
         blend_features: where the network ends in a pointwise head with fewer input features than classes (a
-            many-class DynUNet), blend the features and apply the head after blending: the same logits to float32
-            rounding, with a smaller slab and window output. False blends the logits, as MONAI does.
+            many-class DynUNet), blend the features and apply the head after blending; for a two-class MONAI
+            network, blend the difference of its two logits. The same logits to float32 rounding, with a smaller
+            slab and window output. False blends the logits, as MONAI does.
     """
 
     precision: str = "auto"
@@ -481,17 +486,53 @@ class _PointwiseHead:
         return logits[0] if single else logits
 
 
+class _DifferenceHead:
+    """The logits ``(0, d)`` of a two-class network's blended difference ``d = l1 - l0`` (a
+    :class:`medseg.rewrite.TwoClassDifference`): the same argmax, first class on a tie, and softmax as ``(l0, l1)``."""
+
+    classes, features = 2, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.weight = torch.tensor([0.0, 1.0], device=device).view(2, 1, 1, 1, 1)
+        self.bias = None
+
+    def __call__(self, difference: torch.Tensor) -> torch.Tensor:
+        """Logits of (N, 1, ...) or (1, ...) differences, in float32."""
+        difference = difference.float()
+        return torch.cat([torch.zeros_like(difference), difference], dim=difference.dim() - 4)
+
+
+def _logit_channels(network: torch.nn.Module) -> int | None:
+    """How many logits a MONAI U-Net, DynUNet, Attention U-Net or SegResNet returns in evaluation; None for another
+    network (whose count only a run would tell)."""
+    from monai.networks import nets
+
+    if type(network) in (nets.UNet, nets.DynUNet, nets.AttentionUnet):
+        return int(network.out_channels)
+    if type(network) is nets.SegResNet:
+        convs = [m for m in network.conv_final.modules() if isinstance(m, torch.nn.Conv3d)]
+        return int(convs[-1].out_channels) if convs else None
+    return None
+
+
 def _feature_split(network: torch.nn.Module, channels: int, device: torch.device):
     """``(body, head)`` where blending ``body``'s features and then applying ``head`` gives the blended logits and
     blends fewer channels than the logits have; None otherwise (the whole network's logits are blended).
 
     MONAI's DynUNet ends in a 1x1x1 convolution (its output block) on its last features. The split is checked on a
-    seeded input before it is used: ``head(body(x))`` must equal ``network(x)``.
+    seeded input before it is used: ``head(body(x))`` must equal ``network(x)``. A two-class MONAI U-Net,
+    SegResNet, DynUNet or Attention U-Net blends the difference of its two logits (:class:`_DifferenceHead`).
     """
-    from monai.networks.nets import DynUNet
+    from monai.networks import nets
 
-    if type(network) is not DynUNet:
-        return None
+    if type(network) is nets.DynUNet and (split := _dynunet_split(network, channels, device)) is not None:
+        return split
+    if _logit_channels(network) == 2:
+        return rewrite.two_class_difference(network), _DifferenceHead(device)
+    return None
+
+
+def _dynunet_split(network, channels: int, device: torch.device):
     convs = [m for m in network.output_block.modules() if isinstance(m, torch.nn.Conv3d)]
     if len(convs) != 1 or tuple(convs[0].kernel_size) != (1, 1, 1) or convs[0].groups != 1:
         return None
@@ -513,12 +554,19 @@ def _feature_split(network: torch.nn.Module, channels: int, device: torch.device
     return network.skip_layers, head
 
 
-def window_network(network: torch.nn.Module, channels: int, blend_features: bool = True) -> torch.nn.Module:
-    """What the engine runs on each window of a ``channels``-channel input: the part of ``network`` before a
-    pointwise head whose features it blends (see :func:`_feature_split`), else the whole network. A benchmark that
-    prepares OpenVINO's cache converts this."""
+def window_parts(network: torch.nn.Module, channels: int, blend_features: bool = True) -> tuple:
+    """``(body, head)``: what the engine runs on each window of a ``channels``-channel input and blends, and what
+    turns the blended result into logits (None: the body's output is the logits). The body is the part of
+    ``network`` before a pointwise head whose features it blends, or a two-class network's logit difference (see
+    :func:`_feature_split`), else the whole network. A benchmark that prepares OpenVINO's cache converts the body,
+    with the head (part of the cache's key)."""
     split = _feature_split(network.eval(), channels, torch.device("cpu")) if blend_features else None
-    return split[0] if split else network
+    return split or (network, None)
+
+
+def window_network(network: torch.nn.Module, channels: int, blend_features: bool = True) -> torch.nn.Module:
+    """The body of :func:`window_parts`: what the engine runs on each window."""
+    return window_parts(network, channels, blend_features)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- running

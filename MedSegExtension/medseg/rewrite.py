@@ -35,9 +35,17 @@ grid shifted by one fine voxel: fine output ``2c - 1 + q`` (``q`` = 0 or 1) read
 grid's extra voxel end it. On this project's 2-core AMD EPYC (Zen 4), 96^3 windows: 67 -> 63 ms in OpenVINO. Float32
 only: it needs the folded residual.
 
+**Reductions instead of a reshape, two convolutions instead of a concatenation.** In OpenVINO the tail's group norm
+over phase channels (a reshape to groups around an MVN) cost two reorders of the tensor, and the top skip
+connection's concatenation ran in its reference kernel: :func:`phase_group_norm` computes the norm from per-channel
+means, and :class:`SkipIntoTail` splits the tail's first convolution over the concatenation's two parts: 64 -> 61
+ms per window (medians of 15 alternated runs, twice). A two-class network's logit difference
+(:class:`TwoClassDifference`, what the engine blends for it) is computed by the tail's last convolution itself:
+61 -> 59 ms.
+
 The rewritten network shares every weight of the original except the rearranged transposed-convolution weights
 and folded convolutions (a few kilobytes on that U-Net), and is rebuilt when the original's weights change. Used
-for the CPU's OpenVINO conversion (all three rewrites) and its low-precision windows (the sub-pixel one only: see
+for the CPU's OpenVINO conversion (all the rewrites) and its low-precision windows (the sub-pixel one only: see
 :func:`for_cpu`); PyTorch's float32 windows, the reference, run the network as it is.
 """
 
@@ -176,6 +184,7 @@ class PhaseSpaceTail(torch.nn.Module):
         self.register_buffer("up_bias", bias)
         self.up_padding = up.padding
         self.steps = [(kind, value) for kind, value, _, _ in between]  # what runs between, in order
+        self.register_buffer("group_average", group_average(classes * phases, classes).to(weight))
         for i, (_, _, weight, bias) in enumerate(between):  # weights repeated per phase
             self.register_buffer(f"step_weight_{i}", weight)
             self.register_buffer(f"step_bias_{i}", bias)
@@ -194,12 +203,15 @@ class PhaseSpaceTail(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         functional = torch.nn.functional
-        y = functional.conv3d(functional.pad(x, self.up_padding), self.up_weight, self.up_bias)
-        classes = y.shape[1] // 8
+        return self.after_up(functional.conv3d(functional.pad(x, self.up_padding), self.up_weight, self.up_bias))
+
+    def after_up(self, y: torch.Tensor) -> torch.Tensor:
+        """The block after its up-sampling's convolution: ``y`` holds 8 phase channels per class."""
+        functional = torch.nn.functional
         for i, (kind, value) in enumerate(self.steps):
             weight, bias = getattr(self, f"step_weight_{i}"), getattr(self, f"step_bias_{i}")
             if kind == "norm":  # a class's full-resolution voxels are its 8 phase channels
-                y = functional.group_norm(y, classes, weight, bias, value)
+                y = phase_group_norm(y, self.group_average, weight, bias, value)
             elif kind == "prelu":
                 y = functional.prelu(y, weight)
             elif kind == "leaky":
@@ -211,6 +223,141 @@ class PhaseSpaceTail(torch.nn.Module):
         z = z.view(n, self.out_channels, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
         z = z.reshape(n, self.out_channels, 2 * d, 2 * h, 2 * w)
         return z[:, :, 1:-1, 1:-1, 1:-1]
+
+
+def phase_group_norm(y: torch.Tensor, average: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """A group norm of ``y`` from per-channel reductions over its spatial axes. ``average`` (C, C, 1, 1, 1) maps
+    per-channel values to their group's mean (see :func:`group_average`): every channel of a group has as many
+    voxels, so the group's mean is the mean of its channels' means and its variance the mean of their mean squared
+    deviations from it (two passes, as PyTorch's ``group_norm``).
+
+    OpenVINO converts ``group_norm`` to a reshape to (N, groups, -1) around its MVN; on its blocked channel layout
+    that reshape costs two reorders of the whole tensor (3 ms of a 64 ms 96^3 window of the U-Net of the module doc,
+    by its per-layer profile); these reductions and per-channel maps run in that layout."""
+    functional = torch.nn.functional
+    deviation = y - functional.conv3d(y.mean((2, 3, 4), keepdim=True), average)
+    variance = functional.conv3d((deviation * deviation).mean((2, 3, 4), keepdim=True), average)
+    scale = torch.rsqrt(variance + eps)
+    channels = y.shape[1]
+    if weight is not None:
+        scale = scale * weight.view(1, channels, 1, 1, 1)
+    out = deviation * scale
+    return out if bias is None else out + bias.view(1, channels, 1, 1, 1)
+
+
+def group_average(channels: int, groups: int) -> torch.Tensor:
+    """The (C, C, 1, 1, 1) pointwise convolution that replaces each channel's value by its group's mean."""
+    size = channels // groups
+    same = torch.arange(channels)[:, None] // size == torch.arange(channels)[None, :] // size
+    return (same.float() / size).view(channels, channels, 1, 1, 1)
+
+
+class SkipIntoTail(torch.nn.Module):
+    """A MONAI U-Net's top skip connection (``cat([x, inner(x)])``) and the :class:`PhaseSpaceTail` that reads it,
+    as two convolutions whose sum is the tail's up-sampling convolution of the concatenation: no concatenated
+    tensor. OpenVINO ran that concatenation (32 channels at 48^3 on the U-Net of the module doc) with its reference
+    kernel, 1.7 ms of a 64 ms window. Same function, to float32 rounding."""
+
+    def __init__(self, inner: torch.nn.Module, tail: PhaseSpaceTail) -> None:
+        super().__init__()
+        self.inner, self.tail = inner, tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        functional, tail = torch.nn.functional, self.tail
+        skipped, weight = self.inner(x), tail.up_weight
+        channels = x.shape[1]  # the concatenation's first channels; its weights' first input channels
+        y = functional.conv3d(functional.pad(x, tail.up_padding), weight[:, :channels], tail.up_bias)
+        return tail.after_up(y + functional.conv3d(functional.pad(skipped, tail.up_padding), weight[:, channels:]))
+
+
+def _skip_into_tail(children: dict) -> dict:
+    """A Sequential's children with each ``cat`` skip connection followed by a :class:`PhaseSpaceTail` merged into
+    one :class:`SkipIntoTail`."""
+    from monai.networks.layers import SkipConnection
+
+    names, merged, i = list(children), {}, 0
+    while i < len(names):
+        child = children[names[i]]
+        following = children[names[i + 1]] if i + 1 < len(names) else None
+        if (
+            type(child) is SkipConnection
+            and child.mode == "cat"
+            and child.dim == 1
+            and type(following) is PhaseSpaceTail
+        ):
+            merged[names[i]] = SkipIntoTail(child.submodule, following)
+            i += 2
+        else:
+            merged[names[i]] = child
+            i += 1
+    return merged
+
+
+class TwoClassDifference(torch.nn.Module):
+    """A two-class network's logit difference ``l1 - l0``, in float32: one channel where the network returns two.
+
+    Blending is linear, so blending the difference gives the difference of the blended logits, and ``(0, d)`` has
+    the same argmax (the first class on a tie) and softmax as ``(l0, l1)``. The engine blends it for MONAI's
+    two-class U-Nets and the like (see ``medseg.inference``): half the blending, and in :func:`for_cpu`'s float32
+    rewrite a :class:`PhaseSpaceTail` computes the difference itself (its last convolution with half the outputs).
+    Get it with :func:`two_class_difference`, which keeps one per network."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network(x)
+        if logits.shape[1] != 2:
+            raise ValueError(f"a two-class difference of a network returning {logits.shape[1]} channels")
+        return logits[:, 1:2].float() - logits[:, 0:1].float()
+
+
+def two_class_difference(network: torch.nn.Module) -> TwoClassDifference:
+    """The :class:`TwoClassDifference` of ``network``, the same object on every call (caches key on it). Held in the
+    network's ``__dict__``, outside its modules and state dict: a copy of the network gets its own."""
+    held = network.__dict__.get("_medseg_two_class_difference")
+    if held is None:
+        held = network.__dict__["_medseg_two_class_difference"] = TwoClassDifference(network)
+    return held
+
+
+def _difference_tail(tail: PhaseSpaceTail) -> PhaseSpaceTail | None:
+    """``tail`` returning its two classes' difference (the last convolution's class-1 minus class-0 phase kernels:
+    the same sums, half the outputs); None for another class count."""
+    if tail.out_channels != 2:
+        return None
+    weight = tail.conv_weight.view(2, 8, *tail.conv_weight.shape[1:])
+    difference = copy.copy(tail)
+    difference._buffers = dict(tail._buffers)  # the copy's own: the original keeps its buffers
+    difference.conv_weight = (weight[1] - weight[0]).contiguous()
+    if tail.conv_bias is not None:
+        bias = tail.conv_bias.view(2, 8)
+        difference.conv_bias = (bias[1] - bias[0]).contiguous()
+    difference.out_channels = 1
+    return difference
+
+
+def _folded_difference(rewritten: torch.nn.Module) -> torch.nn.Module | None:
+    """A rewritten MONAI U-Net whose top block is a two-class :class:`PhaseSpaceTail` (alone or in a
+    :class:`SkipIntoTail`), returning the difference itself; None for any other network."""
+    from monai.networks.nets import UNet
+
+    if type(rewritten) is not UNet or type(rewritten.model) is not torch.nn.Sequential or not len(rewritten.model):
+        return None
+    names = list(rewritten.model._modules)
+    last = rewritten.model._modules[names[-1]]
+    if type(last) is SkipIntoTail and (tail := _difference_tail(last.tail)) is not None:
+        replaced = SkipIntoTail(last.inner, tail)
+    elif type(last) is PhaseSpaceTail and (tail := _difference_tail(last)) is not None:
+        replaced = tail
+    else:
+        return None
+    model = copy.copy(rewritten.model)
+    model._modules = {**rewritten.model._modules, names[-1]: replaced}
+    network = copy.copy(rewritten)
+    network._modules = {**rewritten._modules, "model": model}
+    return network
 
 
 def _phase_wise(module: torch.nn.Module, classes: int) -> tuple | None:
@@ -292,8 +439,13 @@ def _replaced(module: torch.nn.Module, fold: bool) -> torch.nn.Module:
                 changed[name] = new
     if not changed:
         return module
+    children = {**module._modules, **changed}
+    if fold and type(module) is torch.nn.Sequential:
+        children = _skip_into_tail(children)
+    if fold and type(module) is TwoClassDifference and (folded := _folded_difference(children["network"])):
+        return folded
     clone = copy.copy(module)  # the same parameters and buffers; only the children on the way are new
-    clone._modules = {**module._modules, **changed}
+    clone._modules = children
     return clone
 
 

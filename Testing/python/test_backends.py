@@ -52,6 +52,20 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.max() - b.min()))
 
 
+def test_the_converted_unet_has_no_group_norm_reshape_and_no_top_concatenation():
+    """The rewrites OpenVINO runs faster (rewrite.phase_group_norm, rewrite.SkipIntoTail) reach the converted graph:
+    the tail's group norm is per-channel reductions, and only the inner skip connection concatenates feature maps."""
+    model, _ = backends._convert(unet(), WINDOW)
+    kinds = [op.get_type_name() for op in model.get_ordered_ops()]
+    feature_concats = [
+        op
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Concat" and op.get_output_partial_shape(0).rank == 5
+    ]
+    assert "GroupNormalization" not in kinds
+    assert len(feature_concats) == 1  # the U-Net has two skip connections
+
+
 def test_openvino_gives_pytorchs_logits_for_any_window_batch_and_caches_the_conversion(own_cache):
     net = unet()
     compiled = backends.openvino_network(net, WINDOW)
@@ -177,7 +191,8 @@ def test_a_cancelled_openvino_run_gives_its_memory_back(monkeypatch):
             net, volume, settings, device=CPU, options=InferenceOptions("fp32", backend="openvino"), control=control
         )
     assert released == ["f32"]
-    assert backends.openvino_network(net, (1, 24, 24, 24))._request is None
+    # the run's compiled network: of what the engine runs on each window (a two-class U-Net's logit difference)
+    assert backends.openvino_network(inference_module.window_network(net, 1), (1, 24, 24, 24))._request is None
 
 
 def test_changed_weights_or_window_get_their_own_conversion(own_cache):
@@ -430,7 +445,8 @@ def test_an_openvino_run_within_its_rounding_of_ties_is_recomputed_in_pytorch():
     report = InferenceReport()
     sliding_window_probabilities(net, volume, settings, device=CPU, options=fp32, report=report)
     assert report.backend == "openvino" and report.estimated_disagreement < 5e-4 and not report.notes
-    compiled = backends.openvino_network(net, (1, 24, 24, 24))  # the run's, held in memory
+    # the run's, held in memory: of what the engine runs on each window (a two-class U-Net's logit difference)
+    compiled = backends.openvino_network(inference_module.window_network(net, 1), (1, 24, 24, 24))
     compiled.bound = 1e9  # every voxel within the bound of a tie
     report = InferenceReport()
     out = sliding_window_probabilities(net, volume, settings, device=CPU, options=fp32, report=report)

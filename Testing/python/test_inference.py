@@ -25,7 +25,7 @@ from medseg.progress import RunControl
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
-from monai.networks.nets import UNETR, DynUNet, UNet
+from monai.networks.nets import UNETR, DynUNet, SegResNet, UNet
 
 CPU = torch.device("cpu")
 #: the float32 loop in PyTorch: these tests are about the windows and blending (test_backends.py covers OpenVINO)
@@ -880,6 +880,71 @@ def test_feature_blending_is_left_out_where_it_would_not_save_channels():
     report = InferenceReport()
     sliding_window_probabilities(small_unet(), volume, settings, device=CPU, options=FP32, report=report)
     assert report.blended_channels == 3  # MONAI's UNet ends in a 3x3x3 convolution: no pointwise head
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+@pytest.mark.parametrize("blend_mode", ["constant", "gaussian"])
+def test_a_two_class_unet_blends_its_logit_difference_and_gives_monais_result(backend, blend_mode):
+    """Blending is linear and softmax ignores a shift: blending l1 - l0 and taking the logits (0, l1 - l0) gives
+    MONAI's blended probabilities and labels, from one blended channel instead of two."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    net = small_unet(classes=2)
+    volume = np.random.default_rng(11).normal(size=(1, 70, 50, 44)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode=blend_mode)
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(volume[None]), (32, 32, 32), 1, net, 0.25, blend_mode)[0]
+    expected = torch.softmax(logits, 0).numpy()
+    options = InferenceOptions("fp32", backend=backend)
+    report = InferenceReport()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=options, report=report)
+    assert report.blended_channels == 1 and report.backend == backend and out.shape == (2, 70, 50, 44)
+    assert np.abs(out - expected).max() < 1e-5
+    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-6)
+    labels = inference.sliding_window_labels(net, volume, settings, device=CPU, options=options)
+    margin = (logits[1] - logits[0]).abs().numpy()
+    clear = margin > 1e-4 * float(margin.max())  # the labels away from a tie (float32 sums in another order)
+    np.testing.assert_array_equal(labels[clear], expected.argmax(0)[clear])
+    plain_report = InferenceReport()
+    as_monai = replace(options, blend_features=False)
+    plain = sliding_window_probabilities(net, volume, settings, device=CPU, options=as_monai, report=plain_report)
+    assert plain_report.blended_channels == 2
+    np.testing.assert_allclose(out, plain, atol=1e-5)
+
+
+def test_a_tie_of_the_two_logits_is_the_first_class_as_in_monais_argmax():
+    """Logits (x, x) everywhere: MONAI's argmax takes class 0; so does the blended difference, 0."""
+    net = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()  # ends in a transposed convolution
+    last = net.model[-1].conv
+    with torch.no_grad():  # both classes' kernels and biases equal: l0 == l1 exactly
+        last.weight[:, 1] = last.weight[:, 0]
+        last.bias[1] = last.bias[0]
+    volume = np.random.default_rng(2).normal(size=(1, 40, 36, 36)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode="constant")
+    with torch.inference_mode():
+        assert bool((net(torch.from_numpy(volume[None, :, :32, :32, :32])).diff(dim=1) == 0).all())
+    labels = inference.sliding_window_labels(net, volume, settings, device=CPU, options=FP32)
+    assert not labels.any()
+    out = sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32)
+    np.testing.assert_array_equal(out, 0.5)
+
+
+def test_only_networks_known_to_return_their_out_channels_blend_a_difference():
+    class TwoChannels(torch.nn.Module):  # an arbitrary network: its class count is not known before it runs
+        out_channels = 2
+
+        def forward(self, x):
+            return torch.cat([x, -x], 1)
+
+    volume = np.random.default_rng(4).normal(size=(1, 40, 36, 36)).astype(np.float32)
+    settings = InferenceSettings(roi_size=(32, 32, 32), overlap=0.25, blend_mode="constant")
+    report = InferenceReport()
+    sliding_window_probabilities(TwoChannels(), volume, settings, device=CPU, options=FP32, report=report)
+    assert report.blended_channels == 2
+    for net, blended in ((SegResNet(3, 8, 1, 2).eval(), 1), (many_class_dynunet(classes=2), 1)):
+        report = InferenceReport()
+        sliding_window_probabilities(net, volume, settings, device=CPU, options=FP32, report=report)
+        assert report.blended_channels == blended
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bfloat16")

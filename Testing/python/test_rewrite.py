@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from medseg import rewrite
 from monai.networks.blocks import ResidualUnit
+from monai.networks.layers import SkipConnection
 from monai.networks.nets import DynUNet, UNet
 
 
@@ -72,6 +75,9 @@ def test_a_unets_few_channel_up_sampling_and_last_residual_are_rewritten_and_the
     # one, its norm and activation and the folded residual run on the coarse grid (a PhaseSpaceTail)
     assert kinds.count(rewrite.SubPixelConvTranspose3d) == (1 if float32 else 2)
     assert kinds.count(rewrite.PhaseSpaceTail) == (1 if float32 else 0)
+    # and the top skip connection's concatenation is two convolutions into the tail
+    assert kinds.count(rewrite.SkipIntoTail) == (1 if float32 else 0)
+    assert kinds.count(SkipConnection) == (1 if float32 else 2)
     assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in cpu.modules())
     # the identity residual is folded in float32 only: in bfloat16 a centre tap of 1 + w would round the identity
     assert len(conv_only_units(cpu)) == (0 if float32 else 1)
@@ -81,10 +87,10 @@ def test_a_unets_few_channel_up_sampling_and_last_residual_are_rewritten_and_the
     new = [t for t in cpu.state_dict().values() if t.data_ptr() not in original]
     # only the rearranged up-samplings' weights are new (48 to 8 channels: 8 phases of a 2^3 kernel; 16 to 2, in
     # float32 in the tail, phases then classes) and, in float32, the tail's shifted convolution (8 phases of 2
-    # classes in and out, 2^3 taps)
+    # classes in and out, 2^3 taps) and its group norm's 16 x 16 averaging of phase channels
     inner = (8 * 8) * 48 * 8 + 8 * 8
     last = (8 * 2) * 16 * 8 + 8 * 2
-    tail = (8 * 2) * (8 * 2) * 8 + 8 * 2
+    tail = (8 * 2) * (8 * 2) * 8 + 8 * 2 + (8 * 2) ** 2
     assert sum(t.numel() for t in new) == inner + last + (tail if float32 else 0)
     x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -197,3 +203,62 @@ def test_other_top_blocks_keep_their_full_resolution_form(change):
         block[1] = ResidualUnit(3, 3, 3, kernel_size=5, subunits=1, last_conv_only=True)
     assert rewrite.phase_space_tail(block) is None
     assert rewrite.phase_space_tail(top_block()) is not None  # the unchanged block is taken
+
+
+@pytest.mark.parametrize("groups, channels, affine", [(2, 16, False), (3, 24, True), (1, 8, True), (8, 8, False)])
+def test_the_tails_group_norm_from_per_channel_reductions_is_pytorchs(groups, channels, affine):
+    generator = torch.Generator().manual_seed(channels + groups)
+    # an offset far from zero: two passes keep the variance exact where E[y^2] - E[y]^2 would cancel
+    y = 3.0 * torch.randn(2, channels, 5, 6, 7, generator=generator, dtype=torch.float64) + 40.0
+    weight = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5 if affine else None
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64) if affine else None
+    average = rewrite.group_average(channels, groups).double()
+    got = rewrite.phase_group_norm(y, average, weight, bias, 1e-5)
+    torch.testing.assert_close(got, torch.nn.functional.group_norm(y, groups, weight, bias, 1e-5), rtol=0, atol=1e-12)
+    single = rewrite.phase_group_norm(y.float(), average.float(), None, None, 1e-5)
+    expected = torch.nn.functional.group_norm(y.float(), groups, None, None, 1e-5)
+    torch.testing.assert_close(single, expected, rtol=0, atol=2e-5)  # float32: the group's values are ~ N(0, 1)
+
+
+def test_the_top_skip_into_the_tail_is_the_concatenation_into_the_block():
+    inner = torch.nn.Conv3d(8, 5, 3, padding=1).eval()  # cat([x, inner(x)]): 8 + 5 channels into the top block
+    block = top_block(classes=3)
+    block[0].conv = torch.nn.ConvTranspose3d(13, 3, 3, 2, 1, 1).eval()
+    original = torch.nn.Sequential(SkipConnection(inner), block).eval()
+    merged = rewrite.for_cpu(original)
+    assert [type(m) for m in merged.children()] == [rewrite.SkipIntoTail]
+    x = torch.randn(2, 8, 6, 5, 4, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected, got = original(x), merged(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+    added = torch.nn.Sequential(SkipConnection(torch.nn.Conv3d(8, 8, 3, padding=1), mode="add"), top_block(classes=3))
+    assert [type(m) for m in rewrite.for_cpu(added).children()] == [SkipConnection, rewrite.PhaseSpaceTail]
+
+
+@pytest.mark.parametrize("num_res_units", [2, 0])
+def test_a_two_class_unets_difference_is_computed_by_its_rewritten_tail(num_res_units):
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=num_res_units).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    body = rewrite.two_class_difference(net)
+    assert rewrite.two_class_difference(net) is body  # one per network: caches key on it
+    assert set(net.state_dict()) == set(before)  # held outside the network's modules and state dict
+    cpu = rewrite.for_cpu(body)
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        logits, got = net(x), cpu(x)
+    expected = logits[:, 1:] - logits[:, :1]
+    torch.testing.assert_close(body(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(logits.abs().max()))
+    if num_res_units:  # the phase-space tail computes the difference: its last convolution has 8 phase outputs
+        assert type(cpu) is UNet and type(cpu.model[-1]) is rewrite.SkipIntoTail
+        assert cpu.model[-1].tail.conv_weight.shape[0] == 8 and cpu.model[-1].tail.out_channels == 1
+        assert rewrite.for_cpu(net).model[-1].tail.out_channels == 2  # the logits' rewrite keeps its own tail
+    else:  # no tail to fold into: the difference is taken after the rewritten network
+        assert type(cpu) is rewrite.TwoClassDifference
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key])
+    copied = copy.deepcopy(net)
+    assert rewrite.two_class_difference(copied) is not body and rewrite.two_class_difference(copied).network is copied
+    with pytest.raises(ValueError, match="returning 3 channels"):
+        rewrite.two_class_difference(UNet(3, 1, 3, channels=(8, 16), strides=(2,)).eval())(x)
