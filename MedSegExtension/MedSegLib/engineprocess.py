@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import queue
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 ENGINE_PARENT_DIR = Path(__file__).resolve().parents[1]  # the folder holding the ``medseg`` package
-ERROR_PREFIX = "medseg: error: "
+#: the engine's error line: its own (``medseg: error:``) or its argument parser's (``medseg segment: error:``)
+ERROR_LINE = re.compile(r"^medseg(?: [a-z]+)?: error: ")
+#: how long a killed engine may take to end on Windows before it is terminated directly
+KILL_WAIT_SECONDS = 10.0
 
 
 def defaultPythonExecutable() -> str:
@@ -61,15 +66,19 @@ class EngineProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_PARENT_DIR), env.get("PYTHONPATH", "")) if p)
         env["PYTHONIOENCODING"] = "utf-8"
         command = [pythonExecutable or defaultPythonExecutable(), "-m", "medseg", *arguments]
-        logger.info("starting the engine: %s", subprocess.list2cmdline(command))
+        quoted = subprocess.list2cmdline(command) if sys.platform == "win32" else shlex.join(command)
+        logger.info("starting the engine: %s", quoted)
+        # Windows: no console window for the console program (Slicer is a GUI; closing that window killed the run)
         newGroup = (
-            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
             if sys.platform == "win32"
             else {"start_new_session": True}
         )
+        # stdin is a pipe held open for the engine's life: an engine started with --exit-with-stdin stops when it
+        # closes, as it does when this process crashes or is killed
         self.process = subprocess.Popen(
             command,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -87,6 +96,7 @@ class EngineProcess:
         for reader in self._readers:
             reader.start()
         self.killed = False
+        self._ended = False  # the engine's end was handled: its group swept, its output read
 
     def _readStdout(self) -> None:
         for line in self.process.stdout:
@@ -119,31 +129,71 @@ class EngineProcess:
                 return events
 
     def returnCode(self) -> int | None:
-        """None while running; the exit status once it ended and its output has been read."""
+        """None while running; the exit status once it ended (its output read, waiting up to 5 s per stream)."""
         code = self.process.poll()
         if code is None:
             return None
-        for reader in self._readers:
-            reader.join(timeout=5)
+        self._end()
         return code
 
     def wait(self, timeout: float | None = None) -> int:
         self.process.wait(timeout)
         return self.returnCode()
 
+    def _end(self) -> None:
+        """Once the engine has ended: end what it left running in its group (a child holding its output pipes would
+        keep the readers, and any later call, waiting), read its output, close its pipes."""
+        if self._ended:
+            return
+        self._ended = True
+        self._killGroup()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        streams = [self.process.stdin]  # and each output stream its reader has finished with
+        streams += [
+            stream
+            for stream, reader in zip((self.process.stdout, self.process.stderr), self._readers)
+            if not reader.is_alive()
+        ]
+        for stream in streams:
+            try:
+                stream.close()
+            except OSError:  # a broken pipe on flushing stdin: nothing was written to it
+                pass
+
+    def _killGroup(self) -> None:
+        """POSIX: SIGKILL to the engine's process group (the engine and what it started); nothing left is fine."""
+        if sys.platform == "win32":
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except OSError:  # ProcessLookupError: none left; PermissionError: macOS, for a group of one zombie
+            pass
+
     def errorMessage(self) -> str:
-        """The engine's own explanation of a failure: its ``medseg: error:`` line, else the end of stderr."""
-        for line in reversed(self._stderr):
-            if line.startswith(ERROR_PREFIX):
-                return line[len(ERROR_PREFIX) :]
-        tail = [line for line in self._stderr if line.strip()][-15:]
-        if tail:
-            return "\n".join(tail)
-        return f"the engine stopped with exit status {self.process.returncode}"
+        """The engine's own explanation of a failure: its error line and what follows it (a message of several
+        lines); else how it ended and the end of its stderr."""
+        lines = list(self._stderr)
+        for index in range(len(lines) - 1, -1, -1):
+            match = ERROR_LINE.match(lines[index])
+            if match:
+                rest = [line for line in lines[index + 1 :] if line.strip()]
+                return "\n".join([lines[index][match.end() :], *rest])
+        code = self.process.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"the engine was stopped by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"the engine was stopped by signal {-code}"
+        else:
+            how = f"the engine stopped with exit status {code}"
+        tail = [line for line in lines if line.strip()][-15:]
+        return "\n".join([f"{how}; its last messages:", *tail]) if tail else how
 
     def kill(self) -> None:
         """End the engine and every process it started (its whole process group or tree)."""
         if self.process.poll() is not None:
+            self._end()  # ended meanwhile: what it left running goes all the same
             return
         self.killed = True
         if sys.platform == "win32":
@@ -152,12 +202,13 @@ class EngineProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 check=False,
+                creationflags=subprocess.CREATE_NO_WINDOW,
             )
-        else:
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                self.process.wait(KILL_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:  # taskkill refused or missed it: terminate it directly
+                self.process.kill()
+        else:
+            self._killGroup()
         self.process.wait()
-        for reader in self._readers:
-            reader.join(timeout=5)
+        self._end()

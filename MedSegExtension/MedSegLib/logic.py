@@ -170,7 +170,7 @@ class SegmentationJob:
             self.outputPath = self.workDir / "labelmap.nrrd"
             self.probabilitiesPath = self.workDir / "probabilities.nrrd" if keepProbabilities else None
             arguments = ["segment", *map(str, self.inputPaths), "-o", str(self.outputPath)]
-            arguments += ["--model", str(folder), "--device", device, "--progress-json"]
+            arguments += ["--model", str(folder), "--device", device, "--progress-json", "--exit-with-stdin"]
             if self.probabilitiesPath is not None:
                 arguments += ["--probabilities", str(self.probabilitiesPath)]
             arguments += roiBox.engineArguments() if roiBox is not None else []

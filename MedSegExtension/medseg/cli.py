@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         "--progress-json",
         action="store_true",
         help="print progress and the result as JSON lines on stdout (for programs driving medseg)",
+    )
+    segment.add_argument(  # for a program driving medseg through a pipe (the Slicer module): not for the shell
+        "--exit-with-stdin", action="store_true", help=argparse.SUPPRESS
     )
 
     refine = commands.add_parser(
@@ -276,6 +281,34 @@ def _json_line(**event) -> None:
     print(json.dumps(event), flush=True)
 
 
+#: the exit status of an engine whose standard input closed under ``--exit-with-stdin``
+EXIT_STDIN_CLOSED = 3
+
+
+def _exit_when_stdin_closes() -> None:
+    """Stop the process when its standard input ends: the program that started it and holds the other end of the
+    pipe (Slicer) closed it, or crashed or was killed, which closes it too. Without this an engine outlives a
+    crashed Slicer and holds the GPU until its next write. Nothing is written: outputs appear only when whole."""
+
+    try:
+        descriptor = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # no standard input at all: nothing to watch
+        return
+
+    def watch() -> None:
+        # the file descriptor, not sys.stdin: a daemon thread blocked in sys.stdin's read holds its buffer's lock,
+        # and the interpreter then aborts at exit ("could not acquire lock ... at interpreter shutdown")
+        try:
+            while os.read(descriptor, 65536):  # what is written is ignored; only the end counts
+                pass
+        except OSError:  # closed or unreadable: the same end
+            pass
+        print("medseg: error: the program that started the engine has gone; stopping", file=sys.stderr, flush=True)
+        os._exit(EXIT_STDIN_CLOSED)
+
+    threading.Thread(target=watch, name="medseg-stdin-watch", daemon=True).start()
+
+
 def _roi_option(args: argparse.Namespace):
     from .preprocessing import IndexBox, PhysicalBox
 
@@ -311,6 +344,8 @@ def _segment(args: argparse.Namespace) -> int:
     from .segmenter import Segmenter
 
     start = time.perf_counter()
+    if args.exit_with_stdin:
+        _exit_when_stdin_closes()
     _check_segment_options(args)
     roi = _roi_option(args)
     if args.progress_json:

@@ -1,0 +1,130 @@
+"""The engine's process as the Slicer module drives it (MedSegLib.engineprocess): real processes, real pipes.
+
+Most tests start a small shell launcher in place of the Python interpreter (``EngineProcess`` runs
+``<interpreter> -m medseg ...``; the launcher ignores those arguments) so that an engine can end in a chosen way.
+POSIX only: the launchers are shell scripts, and the process checks read /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from medseg import io
+from MedSegLib import engineprocess
+from MedSegLib.engineprocess import EngineProcess
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32" or not Path("/proc").is_dir(), reason="POSIX with /proc")
+
+
+def launcher(folder: Path, script: str) -> str:
+    path = folder / "engine.sh"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status  # ended; only its exit status waits to be collected
+
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        # the engine's own error, of several lines, after its log
+        (
+            "echo 'INFO loading' >&2; printf 'medseg: error: model.pt: not a checkpoint\\n  (truncated)\\n' >&2; "
+            "exit 1",
+            "model.pt: not a checkpoint\n  (truncated)",
+        ),
+        # its argument parser's, after the usage lines
+        (
+            "echo 'usage: medseg segment [-h] ...' >&2; echo 'medseg segment: error: unrecognized arguments: --x' "
+            ">&2; exit 2",
+            "unrecognized arguments: --x",
+        ),
+        # no error line: how it ended, then its last messages (a warning alone would mislead)
+        (
+            "echo 'WARNING GPU out of memory; retrying on the CPU' >&2; exit 7",
+            "the engine stopped with exit status 7; its last messages:\nWARNING GPU out of memory; retrying on the CPU",
+        ),
+        (
+            "echo 'WARNING GPU out of memory; retrying on the CPU' >&2; kill -9 $$",
+            "the engine was stopped by signal SIGKILL; its last messages:\nWARNING GPU out of memory; retrying on "
+            "the CPU",
+        ),
+        ("exit 5", "the engine stopped with exit status 5"),
+    ],
+)
+def test_the_error_message_is_the_engines_own_or_says_how_it_ended(tmp_path, script, expected):
+    engine = EngineProcess(["segment"], pythonExecutable=launcher(tmp_path, script))
+    assert engine.wait(timeout=30) != 0
+    assert engine.errorMessage() == expected
+
+
+def test_a_child_left_running_by_the_engine_is_ended_and_does_not_hold_the_caller(tmp_path):
+    """A child that outlives the engine holds its output pipes: reading them to the end waited 5 s per stream, on
+    every call, in Slicer's main thread, and the child lived on. It is ended with the engine's group."""
+    pid_file = tmp_path / "child.pid"
+    engine = EngineProcess(
+        ["segment"], pythonExecutable=launcher(tmp_path, f'sleep 300 & echo $! > "{pid_file}"; exit 0')
+    )
+    start = time.monotonic()
+    assert engine.wait(timeout=30) == 0
+    assert engine.returnCode() == 0 and time.monotonic() - start < 4
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while not process_gone(child):
+        assert time.monotonic() < deadline, "the engine's child is still running"
+        time.sleep(0.05)
+
+
+def test_kill_survives_a_refused_group_signal_and_still_waits(tmp_path, monkeypatch):
+    """macOS refuses to signal a group whose only member is an unreaped zombie (EPERM): an engine ending just as
+    the user cancels. kill() raised, and the job's clean-up and the GUI's reset never ran."""
+    engine = EngineProcess(["segment"], pythonExecutable=launcher(tmp_path, "sleep 0.3; exit 0"))
+
+    def refuse(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "killpg", refuse)
+    engine.kill()
+    assert engine.returnCode() == 0 and engine.killed
+
+
+def test_the_engine_stops_when_its_stdin_closes_as_when_slicer_crashes(tmp_path, tiny_model, blob_image):
+    """An engine outlived a crashed Slicer and held the GPU. With --exit-with-stdin (the module passes it) it stops
+    when the pipe it reads closes, which happens when its parent dies; nothing is written."""
+    image = io.write_image(blob_image, tmp_path / "scan.nii.gz")
+    output = tmp_path / "labels.nii.gz"
+    arguments = ["segment", str(image), "-o", str(output), "--model", str(tiny_model), "--progress-json"]
+    engine = EngineProcess([*arguments, "--exit-with-stdin"], pythonExecutable=sys.executable)
+    engine.process.stdin.close()  # what the parent's death does to the pipe
+    assert engine.wait(timeout=120) == 3
+    assert "the program that started the engine has gone" in engine.errorMessage()
+    assert not output.exists()
+    # with the pipe open it runs to the end and exits cleanly (a watcher blocked in sys.stdin's read made the
+    # interpreter abort at exit, holding its buffer's lock)
+    done = EngineProcess([*arguments, "--exit-with-stdin"], pythonExecutable=sys.executable)
+    assert done.wait(timeout=120) == 0, done.errorMessage()
+    assert output.exists()
+    assert not any("Fatal Python error" in line for line in done._stderr)
+
+
+def test_a_cancel_ends_the_engine_group_with_sigkill(tmp_path):
+    engine = EngineProcess(["segment"], pythonExecutable=launcher(tmp_path, "sleep 300"))
+    time.sleep(0.2)
+    engine.kill()
+    assert engine.killed and engine.returnCode() == -signal.SIGKILL
+    assert engineprocess.ERROR_LINE.match("medseg: error: x") and engineprocess.ERROR_LINE.match(
+        "medseg refine: error: x"
+    )
