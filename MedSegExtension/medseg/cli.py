@@ -288,7 +288,8 @@ EXIT_STDIN_CLOSED = 3
 def _exit_when_stdin_closes() -> None:
     """Stop the process when its standard input ends: the program that started it and holds the other end of the
     pipe (Slicer) closed it, or crashed or was killed, which closes it too. Without this an engine outlives a
-    crashed Slicer and holds the GPU until its next write. Nothing is written: outputs appear only when whole."""
+    crashed Slicer and holds the GPU until its next write. Outputs appear only when whole: a stop while writing can
+    leave only a hidden partial file, as a kill does."""
 
     try:
         descriptor = sys.stdin.fileno()

@@ -315,9 +315,10 @@ class TwoClassDifference(torch.nn.Module):
 
 def two_class_difference(network: torch.nn.Module) -> TwoClassDifference:
     """The :class:`TwoClassDifference` of ``network``, the same object on every call (caches key on it). Held in the
-    network's ``__dict__``, outside its modules and state dict: a copy of the network gets its own."""
+    network's ``__dict__``, outside its modules and state dict: a copy of the network gets its own (a shallow copy
+    shares the dictionary's entry, which is then not its own and is replaced)."""
     held = network.__dict__.get("_medseg_two_class_difference")
-    if held is None:
+    if held is None or held.network is not network:
         held = network.__dict__["_medseg_two_class_difference"] = TwoClassDifference(network)
     return held
 

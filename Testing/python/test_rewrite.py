@@ -258,7 +258,9 @@ def test_a_two_class_unets_difference_is_computed_by_its_rewritten_tail(num_res_
         assert type(cpu) is rewrite.TwoClassDifference
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key])
-    copied = copy.deepcopy(net)
-    assert rewrite.two_class_difference(copied) is not body and rewrite.two_class_difference(copied).network is copied
+    for copied in (copy.deepcopy(net), copy.copy(net)):
+        assert rewrite.two_class_difference(copied) is not body
+        assert rewrite.two_class_difference(copied).network is copied
+    assert rewrite.two_class_difference(net) is body
     with pytest.raises(ValueError, match="returning 3 channels"):
         rewrite.two_class_difference(UNet(3, 1, 3, channels=(8, 16), strides=(2,)).eval())(x)
