@@ -9,6 +9,7 @@ This file uses only the standard library, so it loads in Slicer before any engin
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -30,16 +31,30 @@ ENGINE_PARENT_DIR = Path(__file__).resolve().parents[1]  # the folder holding th
 ERROR_LINE = re.compile(r"^medseg(?: [a-z]+)?: error: ")
 #: how long a killed engine may take to end on Windows before it is terminated directly
 KILL_WAIT_SECONDS = 10.0
+#: the engine's last stderr lines kept for its error message (its log can be long; its error comes last)
+STDERR_LINES_KEPT = 2000
 
 
 def defaultPythonExecutable() -> str:
     """The Python that runs the engine: this one, or Slicer's ``PythonSlicer`` when running inside Slicer.
 
-    Inside Slicer ``sys.executable`` is the Slicer application itself, which cannot run ``-m medseg``.
+    Inside Slicer ``sys.executable`` is the Slicer application itself, which cannot run ``-m medseg``; its
+    ``PythonSlicer`` is in the same folder (``bin``) in Slicer's installations, else on the PATH.
     """
-    if Path(sys.executable).name.lower().startswith("python"):  # python3, python.exe, PythonSlicer
+    executable = Path(sys.executable)
+    if executable.name.lower().startswith("python"):  # python3, python.exe, PythonSlicer
         return sys.executable
-    return shutil.which("PythonSlicer") or sys.executable
+    for name in ("PythonSlicer.exe", "PythonSlicer") if sys.platform == "win32" else ("PythonSlicer",):
+        beside = executable.with_name(name)
+        if beside.is_file():
+            return str(beside)
+    found = shutil.which("PythonSlicer")
+    if found is None:
+        raise FileNotFoundError(
+            f"no Python to run the MedSeg engine: {executable} is not one, and PythonSlicer is neither beside it "
+            "nor on the PATH"
+        )
+    return found
 
 
 class EngineProcess:
@@ -88,7 +103,7 @@ class EngineProcess:
             **newGroup,
         )
         self._events: queue.Queue[dict] = queue.Queue()
-        self._stderr: list[str] = []
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)  # a long run's log
         self._readers = [
             threading.Thread(target=self._readStdout, daemon=True),
             threading.Thread(target=self._readStderr, daemon=True),

@@ -222,6 +222,10 @@ class SegmentationJob:
                 raise CancelledError()
             if code != 0:
                 raise MedSegError(self._explain(self.process.errorMessage()))
+            if not self.outputPath.is_file():  # exit status 0 without a result: not an engine that finished
+                raise MedSegError(
+                    self._explain(f"the engine ended without writing its result; {self.process.errorMessage()}")
+                )
             labelmap = sitk.ReadImage(str(self.outputPath))
             if self.probabilitiesPath is not None and self.probabilitiesPath.exists():  # read before the scene changes
                 vector = sitk.GetArrayFromImage(sitk.ReadImage(str(self.probabilitiesPath)))  # (z, y, x, C)
@@ -388,8 +392,8 @@ class MedSegLogic:
             "import json, torch; print(json.dumps([(f'cuda:{i}', torch.cuda.get_device_name(i)) "
             "for i in range(torch.cuda.device_count())]))"
         )
-        python = self.pythonExecutable or defaultPythonExecutable()
         try:
+            python = self.pythonExecutable or defaultPythonExecutable()
             done = subprocess.run(
                 [python, "-c", script], capture_output=True, text=True, encoding="utf-8", timeout=timeout, check=True
             )

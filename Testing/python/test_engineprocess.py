@@ -128,3 +128,26 @@ def test_a_cancel_ends_the_engine_group_with_sigkill(tmp_path):
     assert engineprocess.ERROR_LINE.match("medseg: error: x") and engineprocess.ERROR_LINE.match(
         "medseg refine: error: x"
     )
+
+
+def test_the_engine_keeps_the_end_of_a_long_log_and_finds_the_error_in_it(tmp_path):
+    script = "seq 1 50000 >&2; echo 'medseg: error: the last word' >&2; exit 1"
+    engine = EngineProcess(["segment"], pythonExecutable=launcher(tmp_path, script))
+    assert engine.wait(timeout=60) == 1
+    assert len(engine._stderr) == engineprocess.STDERR_LINES_KEPT
+    assert engine.errorMessage() == "the last word"
+
+
+def test_inside_slicer_the_engine_runs_in_the_pythonslicer_beside_the_application(tmp_path, monkeypatch):
+    """Inside Slicer sys.executable is the application (bin/SlicerApp-real); its PythonSlicer is beside it."""
+    application = tmp_path / "bin" / "SlicerApp-real"
+    application.parent.mkdir()
+    application.write_text("")
+    monkeypatch.setattr(sys, "executable", str(application))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="PythonSlicer is neither beside it nor on the PATH"):
+        engineprocess.defaultPythonExecutable()
+    (application.parent / "PythonSlicer").write_text("")
+    assert engineprocess.defaultPythonExecutable() == str(application.parent / "PythonSlicer")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3.11"))  # a plain Python runs the engine itself
+    assert engineprocess.defaultPythonExecutable() == str(tmp_path / "python3.11")

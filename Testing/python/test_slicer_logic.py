@@ -312,6 +312,20 @@ def test_engine_failure_leaves_the_scene_and_the_output_as_they_were(tmp_path):
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("medseg-*")) == temporary
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in engine is a shell script")
+def test_an_engine_that_exits_cleanly_without_a_result_is_a_clear_error(tmp_path):
+    """Exit status 0 without the labelmap (an engine replaced or cut short): a MedSegError, not ITK's read error."""
+    scene = slicer.vtkMRMLScene()
+    volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
+    before = scene_state(scene)
+    launcher = tmp_path / "silent-python"
+    launcher.write_text("#!/bin/sh\nexit 0\n")
+    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(MedSegError, match="the engine ended without writing its result"):
+        MedSegLogic(scene, pythonExecutable=str(launcher)).segment(volume, device="cpu")
+    assert scene_state(scene) == before
+
+
 @pytest.mark.parametrize(
     "model, volumes, error, message",
     [
