@@ -493,6 +493,7 @@ class _DifferenceHead:
     classes, features = 2, 1
 
     def __init__(self, device: torch.device) -> None:
+        # as a pointwise head's weights (0 and 1 times d): what OpenVINO's cache key reads of a head
         self.weight = torch.tensor([0.0, 1.0], device=device).view(2, 1, 1, 1, 1)
         self.bias = None
 
@@ -562,11 +563,6 @@ def window_parts(network: torch.nn.Module, channels: int, blend_features: bool =
     with the head (part of the cache's key)."""
     split = _feature_split(network.eval(), channels, torch.device("cpu")) if blend_features else None
     return split or (network, None)
-
-
-def window_network(network: torch.nn.Module, channels: int, blend_features: bool = True) -> torch.nn.Module:
-    """The body of :func:`window_parts`: what the engine runs on each window."""
-    return window_parts(network, channels, blend_features)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- running

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import locale
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,20 @@ def _write_dicom_series(array_zyx: np.ndarray, folder: Path, *, spacing, origin,
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_)
     return folder
+
+
+def shell_launcher(path: Path, script: str) -> str:
+    """An executable shell script at ``path`` (POSIX): a stand-in for the engine's interpreter, which
+    ``EngineProcess`` runs as ``<interpreter> -m medseg ...`` (the script may ignore those arguments)."""
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (Linux: reads /proc); a zombie has, only its exit status is uncollected."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status

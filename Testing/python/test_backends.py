@@ -192,7 +192,7 @@ def test_a_cancelled_openvino_run_gives_its_memory_back(monkeypatch):
         )
     assert released == ["f32"]
     # the run's compiled network: of what the engine runs on each window (a two-class U-Net's logit difference)
-    assert backends.openvino_network(inference_module.window_network(net, 1), (1, 24, 24, 24))._request is None
+    assert backends.openvino_network(inference_module.window_parts(net, 1)[0], (1, 24, 24, 24))._request is None
 
 
 def test_changed_weights_or_window_get_their_own_conversion(own_cache):
@@ -446,7 +446,7 @@ def test_an_openvino_run_within_its_rounding_of_ties_is_recomputed_in_pytorch():
     sliding_window_probabilities(net, volume, settings, device=CPU, options=fp32, report=report)
     assert report.backend == "openvino" and report.estimated_disagreement < 5e-4 and not report.notes
     # the run's, held in memory: of what the engine runs on each window (a two-class U-Net's logit difference)
-    compiled = backends.openvino_network(inference_module.window_network(net, 1), (1, 24, 24, 24))
+    compiled = backends.openvino_network(inference_module.window_parts(net, 1)[0], (1, 24, 24, 24))
     compiled.bound = 1e9  # every voxel within the bound of a tie
     report = InferenceReport()
     out = sliding_window_probabilities(net, volume, settings, device=CPU, options=fp32, report=report)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import process_gone, shell_launcher
 from medseg import io
 from MedSegLib import engineprocess
 from MedSegLib.engineprocess import EngineProcess
@@ -23,18 +23,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32" or not Path("/proc").is_
 
 
 def launcher(folder: Path, script: str) -> str:
-    path = folder / "engine.sh"
-    path.write_text("#!/bin/sh\n" + script + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(path)
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return True
-    return "State:\tZ" in status  # ended; only its exit status waits to be collected
+    return shell_launcher(folder / "engine.sh", script)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ MedSeg's RAS/LPS handling cannot cancel itself out.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import DIRECTIONS, physical_points_of_label, with_direction, write_model_folder
+from helpers import (
+    DIRECTIONS,
+    physical_points_of_label,
+    process_gone,
+    shell_launcher,
+    with_direction,
+    write_model_folder,
+)
 from medseg.errors import CancelledError, MedSegError, ModelNotFoundError
 from medseg.models.card import read_card
 from medseg.preprocessing import IndexBox
@@ -318,11 +324,9 @@ def test_an_engine_that_exits_cleanly_without_a_result_is_a_clear_error(tmp_path
     scene = slicer.vtkMRMLScene()
     volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
     before = scene_state(scene)
-    launcher = tmp_path / "silent-python"
-    launcher.write_text("#!/bin/sh\nexit 0\n")
-    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    launcher = shell_launcher(tmp_path / "silent-python", "exit 0")
     with pytest.raises(MedSegError, match="the engine ended without writing its result"):
-        MedSegLogic(scene, pythonExecutable=str(launcher)).segment(volume, device="cpu")
+        MedSegLogic(scene, pythonExecutable=launcher).segment(volume, device="cpu")
     assert scene_state(scene) == before
 
 
@@ -359,28 +363,19 @@ def test_a_colour_volume_is_refused_with_a_clear_error(tmp_path):
     assert scene_state(scene) == before
 
 
-def process_gone(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return True
-    return "State:\tZ" in status  # a zombie has ended; only its exit status waits to be collected
-
-
 @pytest.mark.skipif(os.name != "posix", reason="the process-tree check reads /proc")
 def test_cancel_kills_the_whole_process_tree_and_leaves_the_scene_as_it_was(tmp_path):
     child_pid_file = tmp_path / "child.pid"
-    launcher = tmp_path / "python-with-a-child"
     import sys
 
     # The engine's interpreter, started through a launcher that leaves a grandchild behind, as a GPU driver
     # helper or a data-loader worker would: cancel must end that one too.
-    launcher.write_text(f'#!/bin/sh\nsleep 300 &\necho $! > "{child_pid_file}"\nexec "{sys.executable}" "$@"\n')
-    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    script = f'sleep 300 &\necho $! > "{child_pid_file}"\nexec "{sys.executable}" "$@"'
+    launcher = shell_launcher(tmp_path / "python-with-a-child", script)
     scene = slicer.vtkMRMLScene()
     volume = load(scene, sample_with(DIRECTIONS["LPS"]), tmp_path)
     before = scene_state(scene)
-    job = MedSegLogic(scene, pythonExecutable=str(launcher)).startSegmentation(volume, device="cpu")
+    job = MedSegLogic(scene, pythonExecutable=launcher).startSegmentation(volume, device="cpu")
     deadline = time.time() + 30
     while not child_pid_file.exists() or not child_pid_file.read_text().strip():
         assert time.time() < deadline
